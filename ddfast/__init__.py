@@ -1,0 +1,5 @@
+"""ddfast: fast kernels and whole pipelines for dataset distillation."""
+from ddfast._version import __version__
+from ddfast.backend import select_backend, use_backend
+
+__all__ = ["__version__", "select_backend", "use_backend"]

@@ -1,0 +1,88 @@
+"""The distilled-set file: images, labels, optional soft labels and metadata in one file.
+
+Stored with ``torch.save`` and read with ``torch.load(weights_only=True)``, whose restricted
+unpickler only rebuilds tensors and plain containers, so loading never runs code from the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddfast._version import __version__
+from ddfast.utils import atomic_torch_save, image_grid, write_png
+
+FORMAT = "ddfast-distilled-set"
+FORMAT_VERSION = 1
+
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"metadata key {key!r} at {where} must be a string")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN_TYPES):
+        raise TypeError(f"metadata value at {where} has type {type(value).__name__}; use str/int/float/bool/None, lists or dicts")
+
+
+def save(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    soft_labels: torch.Tensor | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a distilled set atomically. ``images`` [N, C, H, W] float, ``labels`` int [N],
+    ``soft_labels`` [N, num_classes] (teacher logits) or None, ``meta`` plain data only."""
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor [N={images.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+    if soft_labels is not None and (soft_labels.ndim != 2 or soft_labels.shape[0] != images.shape[0]):
+        raise ValueError(f"soft_labels must be [N={images.shape[0]}, classes], got {tuple(soft_labels.shape)}")
+    meta = dict(meta or {})
+    meta.setdefault("ddfast_version", __version__)
+    _check_plain(meta, "meta")
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "images": images.detach().cpu().float().contiguous(),
+            "labels": labels.detach().cpu().long().contiguous(),
+            "soft_labels": None if soft_labels is None else soft_labels.detach().cpu().float().contiguous(),
+            "meta": meta,
+        },
+        path,
+    )
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a distilled set: ``{"images", "labels", "soft_labels", "meta"}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no distilled set at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the restricted unpickler refuses code and corrupt files alike
+        raise ValueError(f"{path} is not a readable ddfast distilled set: {err}") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ddfast distilled set (missing format tag {FORMAT!r})")
+    if blob.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} uses format version {blob['format_version']}; this ddfast reads up to {FORMAT_VERSION}")
+    return {key: blob[key] for key in ("images", "labels", "soft_labels", "meta")}
+
+
+def save_grid(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, mean: Any, std: Any, num_classes: int) -> None:
+    """PNG grid of normalised images (one row per class) for people to look at."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = images.detach().cpu().float() * std_t + mean_t
+    write_png(path, image_grid(pixels, labels.cpu(), num_classes))

@@ -1,0 +1,185 @@
+"""Shared verification helpers: compare an op with its float64 reference, and AOT-compile Triton
+kernels for real GPU targets (sm_80, sm_90) without a GPU to read ptxas's register/spill report."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> str:
+    """Where and by how much two tensors differ (the failure message of :func:`assert_close`)."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        return f"shape mismatch: actual {tuple(a.shape)} vs expected {tuple(e.shape)}"
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    nonfinite_mismatch = ~finite & ~((a == e) | (a.isnan() & e.isnan()))
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    bad = (diff > atol + rtol * e.abs()) | nonfinite_mismatch
+    lines = [
+        f"{int(bad.sum())} of {a.numel()} elements outside atol={atol:g} rtol={rtol:g}",
+        f"relative L2 error {rel_error(a, e):.3e}",
+    ]
+    if diff.numel():
+        worst = int(diff.flatten().argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+        lines.append(
+            f"largest |diff| {float(diff.flatten()[worst]):.3e} at index {idx}: "
+            f"actual {float(a[idx]):.6g} expected {float(e[idx]):.6g}"
+        )
+    if nonfinite_mismatch.any():
+        first = tuple(int(i) for i in nonfinite_mismatch.nonzero()[0])
+        lines.append(f"non-finite mismatch at {first}: actual {float(a[first])} expected {float(e[first])}")
+    return "\n".join(lines)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (absolute error when expected is zero)."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    denom = e.norm()
+    err = (a - e).norm()
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
+    """Elementwise ``|a − e| ≤ atol + rtol·|e|`` (NaN matches NaN); explains any failure."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    ok = a.shape == e.shape and bool(
+        torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True).all()
+    )
+    if not ok:
+        raise AssertionError(f"{name or 'tensor'} differs from reference:\n" + describe_mismatch(a, e, atol, rtol))
+
+
+def _as_tuple(out: Any) -> tuple[torch.Tensor | None, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_against_reference(
+    op: Callable[..., Any],
+    reference: Callable[..., Any],
+    inputs: Sequence[Any],
+    atol: float,
+    rtol: float,
+    check_grad: bool = True,
+    seed: int = 0,
+) -> None:
+    """Run ``op`` on ``inputs`` as given (any dtype, layout, strides) and ``reference`` on float64
+    copies; compare every output and, with random output cotangents, every input gradient."""
+    op_inputs, ref_inputs = [], []
+    for item in inputs:
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
+            grad = check_grad and item.requires_grad
+            op_inputs.append(item.detach().clone().requires_grad_(grad) if grad else item)
+            ref_inputs.append(item.detach().to(torch.float64).requires_grad_(grad))
+        else:
+            op_inputs.append(item)
+            ref_inputs.append(item)
+    outs = _as_tuple(op(*op_inputs))
+    refs = _as_tuple(reference(*ref_inputs))
+    if len(outs) != len(refs):
+        raise AssertionError(f"op returned {len(outs)} outputs, reference {len(refs)}")
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        if out is None or ref is None:
+            if (out is None) != (ref is None):
+                raise AssertionError(f"output {i}: one of op/reference returned None")
+            continue
+        assert_close(out, ref, atol, rtol, name=f"output {i}")
+    if not check_grad:
+        return
+    grad_inputs = [(a, b) for a, b in zip(op_inputs, ref_inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not grad_inputs:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(o, r) for o, r in zip(outs, refs) if o is not None and o.requires_grad]
+    cotangents = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for _, r in pairs]
+    op_grads = torch.autograd.grad(
+        [o for o, _ in pairs], [a for a, _ in grad_inputs],
+        [c.to(o.dtype).to(o.device) for (o, _), c in zip(pairs, cotangents)], allow_unused=True,
+    )
+    ref_grads = torch.autograd.grad(
+        [r for _, r in pairs], [b for _, b in grad_inputs], cotangents, allow_unused=True
+    )
+    for i, (g, rg) in enumerate(zip(op_grads, ref_grads)):
+        if rg is None:
+            continue
+        if g is None:
+            raise AssertionError(f"gradient of input {i}: op returned no gradient")
+        assert_close(g, rg, atol, rtol, name=f"gradient of input {i}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxasReport:
+    """ptxas's resource report for one kernel compiled for one architecture."""
+
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+    log: str
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+def _ptxas_binary(arch: int) -> str:
+    from triton.backends.nvidia import compiler as nvidia_compiler
+
+    return nvidia_compiler.get_ptxas(arch).path
+
+
+def aot_compile(
+    kernel: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    arch: int,
+    num_warps: int = 4,
+) -> PtxasReport:
+    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` ahead of time (no GPU or driver needed)
+    and return ptxas's register/spill report. Signature values are Triton types (``"*fp32"``,
+    ``"i32"``, ``"fp32"``) or ``"constexpr"`` for the entries of ``constexprs``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(kernel, signature, constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [_ptxas_binary(arch), "-v", f"--gpu-name={gpu_name}", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=False,
+        )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {gpu_name}:\n{log}")
+
+    def grab(pattern: str) -> int:
+        match = re.search(pattern, log)
+        return int(match.group(1)) if match else 0
+
+    return PtxasReport(
+        arch=arch,
+        registers=grab(r"Used (\d+) registers"),
+        spill_stores=grab(r"(\d+) bytes spill stores"),
+        spill_loads=grab(r"(\d+) bytes spill loads"),
+        stack_bytes=grab(r"(\d+) bytes stack frame"),
+        shared_bytes=grab(r"(\d+) bytes smem"),
+        log=log,
+    )
