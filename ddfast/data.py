@@ -41,7 +41,7 @@ __all__ = [
 
 
 class DataError(ValueError):
-    """A dataset file is missing, malformed or unsafe; the message names the file and the problem."""
+    """A dataset file is missing, malformed or unsafe; the message names the file and problem."""
 
 
 @dataclass(eq=False, repr=False)
@@ -332,7 +332,8 @@ def _cifar_field(batch: dict[str, Any], key: str, path: Path) -> Any:
     return batch[key]
 
 
-def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: str,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path)
     data = _cifar_field(batch, "data", path)
     if not isinstance(data, np.ndarray):
@@ -359,12 +360,14 @@ def _load_cifar(name: str, root: Path) -> Dataset:
     else:
         folder, tarball = "cifar-100-python", "cifar-100-python.tar.gz"
         train_files, test_file = ["train"], "test"
-        meta_file, label_key, names_key, num_classes = "meta", "fine_labels", "fine_label_names", 100
+        meta_file, label_key, names_key = "meta", "fine_labels", "fine_label_names"
+        num_classes = 100
     directory = root / folder if (root / folder).is_dir() else root
     absent = [f for f in [*train_files, test_file] if not (directory / f).is_file()]
     if absent:
         extra = (f" (found {tarball}: extract it with `tar xzf {tarball}`)"
-                 if (directory / tarball).is_file() else f" (pass the extracted {folder}/ folder or its parent)")
+                 if (directory / tarball).is_file()
+                 else f" (pass the extracted {folder}/ folder or its parent)")
         raise _missing(directory, absent, name, extra)
 
     parts = [_read_cifar_batch(directory / f, label_key, num_classes) for f in train_files]
@@ -391,8 +394,9 @@ def _load_cifar(name: str, root: Path) -> Dataset:
 # array conventions shared by npz and per-image .npy files
 
 def _array_images(arr: np.ndarray, source: str, batched: bool) -> np.ndarray:
-    """uint8 images [..., C, H, W] from uint8/integer 0..255 or float 0..1 arrays laid out
-    [H, W], [H, W, C] or [C, H, W] (with a leading N when ``batched``)."""
+    """Images [..., C, H, W], uint8 (0..255) or float (0..1), from arrays laid out [H, W],
+    [H, W, C] or [C, H, W] (with a leading N when ``batched``); other integer types must
+    hold 0..255."""
     lead = 1 if batched else 0
     if arr.ndim == lead + 2:
         arr = np.expand_dims(arr, lead)
@@ -405,7 +409,8 @@ def _array_images(arr: np.ndarray, source: str, batched: bool) -> np.ndarray:
             raise DataError(f"{source}: cannot tell the channel axis of shape {list(arr.shape)} "
                             f"(expected at most 4 channels first or last)")
     else:
-        want = "[N, H, W], [N, H, W, C] or [N, C, H, W]" if batched else "[H, W], [H, W, C] or [C, H, W]"
+        want = ("[N, H, W], [N, H, W, C] or [N, C, H, W]" if batched
+                else "[H, W], [H, W, C] or [C, H, W]")
         raise DataError(f"{source}: images must be {want}, found shape {list(arr.shape)}")
 
     if arr.dtype == np.uint8:
@@ -450,13 +455,15 @@ def _load_npz(path: Path) -> Dataset:
         raise DataError(f"{path}: cannot read as .npz without pickle ({e})") from e
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
-        raise DataError(f"{path}: missing key(s) {', '.join(missing)} (has {', '.join(sorted(arrays))})")
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)} "
+                        f"(has {', '.join(sorted(arrays))})")
 
     labels = {}
     for key in ("y_train", "y_test"):
         y = arrays[key]
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: {key} must be a 1-D integer array, found {y.dtype} {list(y.shape)}")
+            raise DataError(f"{path}: {key} must be a 1-D integer array, "
+                            f"found {y.dtype} {list(y.shape)}")
         labels[key] = y
     if "class_names" in arrays:
         class_names = [str(n) for n in arrays["class_names"].reshape(-1)]
@@ -470,7 +477,8 @@ def _load_npz(path: Path) -> Dataset:
         if len(x) != len(labels[y_key]):
             raise DataError(f"{path}: {x_key} has {len(x)} images but {y_key} has "
                             f"{len(labels[y_key])} labels")
-        splits += [_images_tensor(x), _labels_tensor(labels[y_key], len(class_names), f"{path}: {y_key}")]
+        y = _labels_tensor(labels[y_key], len(class_names), f"{path}: {y_key}")
+        splits += [_images_tensor(x), y]
     return Dataset("npz", *splits, class_names, *_channel_stats(splits[0]))
 
 
@@ -618,7 +626,8 @@ def _load_imagefolder(root: Path) -> Dataset:
     class_names = sorted(train)
     unknown = sorted(set(test) - set(train))
     if unknown:
-        raise DataError(f"imagefolder: {root / 'test'} has classes not in train/: {', '.join(unknown)}")
+        raise DataError(f"imagefolder: {root / 'test'} has classes not in train/: "
+                        f"{', '.join(unknown)}")
     for split, classes in (("train", train), ("test", test)):
         if not any(classes.values()):
             raise DataError(f"imagefolder: no images found under {root / split}")

@@ -109,9 +109,7 @@ def fit(
     bar = progress(range(start, config.passes), desc=desc, initial=start, total=config.passes)
     for epoch in bar:
         lr = config.lr_at(epoch)
-        if config.schedule == "step" and epoch == config.epochs // 2 + 2 and resume is None or (
-            config.schedule == "step" and resume is not None and epoch == config.epochs // 2 + 2
-        ):
+        if config.schedule == "step" and epoch == config.epochs // 2 + 2:
             # DC re-creates the optimiser at the decay, dropping the momentum buffers.
             optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         for group in optimizer.param_groups:
@@ -130,7 +128,7 @@ def fit(
             optimizer.step()
             total += len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}", lr=f"{lr:.3g}")
         if checkpoint is not None:
             checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "epoch": epoch + 1})

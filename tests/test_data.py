@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import random
 import struct
 import sys
 import zlib
@@ -62,13 +63,15 @@ def make_cifar10(parent: Path, per_batch: int = 4, n_test: int = 3) -> tuple[np.
         x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         y = [int(v) for v in rng.integers(0, 10, per_batch)]
         # protocol 2 with bytes keys, like the originals re-pickled by Python 3
-        dump(folder / f"data_batch_{i}", {b"batch_label": b"training batch", b"data": x, b"labels": y})
+        dump(folder / f"data_batch_{i}",
+             {b"batch_label": b"training batch", b"data": x, b"labels": y})
         xs.append(x)
         ys += y
     tx = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
     ty = np.array([9, 0, 5][:n_test])
     dump(folder / "test_batch", {b"data": tx, b"labels": ty}, protocol=4)  # labels as ndarray
-    names = [b"plane", b"car", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    names = [b"plane", b"car", b"bird", b"cat", b"deer",
+             b"dog", b"frog", b"horse", b"ship", b"truck"]
     dump(folder / "batches.meta", {b"label_names": names, b"num_vis": 3072})
     return np.concatenate(xs), np.array(ys), tx, ty
 
@@ -93,7 +96,8 @@ def png_bytes(pixels: np.ndarray, color: int, palette: np.ndarray | None = None)
             raw.append((x - pred) % 256)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
 
     out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
     if palette is not None:
@@ -140,7 +144,8 @@ def test_idx_dotted_file_names(tmp_path: Path) -> None:
 
 def test_idx_missing_files_names_dir_files_and_install_hint(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"missing files in .*train-images-idx3-ubyte.*"
-                                        r"t10k-labels-idx1-ubyte.*apt-get install -y dataset-fashion-mnist"):
+                                        r"t10k-labels-idx1-ubyte.*"
+                                        r"apt-get install -y dataset-fashion-mnist"):
         load("fashion-mnist", tmp_path)
 
 
@@ -406,7 +411,8 @@ def test_imagefolder_png_and_npy(tmp_path: Path) -> None:
     assert torch.equal(ds.train_images[2], chw(imgs[0]).expand(3, -1, -1))  # grey -> RGB
     assert torch.equal(ds.train_images[3], chw(palette[indices[..., 0]]))
     assert torch.equal(ds.test_images[0], torch.from_numpy(npy))
-    assert len(ds.mean) == 3 and ds.mean[0] == pytest.approx(float(ds.train_images[:, 0].double().mean()))
+    assert len(ds.mean) == 3
+    assert ds.mean[0] == pytest.approx(float(ds.train_images[:, 0].double().mean()))
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:
@@ -444,7 +450,57 @@ def test_imagefolder_other_formats_with_pillow(tmp_path: Path) -> None:
         load("imagefolder", tmp_path)
     (tmp_path / "test" / "a" / "bad.jpg").unlink()
     ds = load("imagefolder", tmp_path)
-    assert torch.equal(ds.train_images[0], torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255))
+    want = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255)
+    assert torch.equal(ds.train_images[0], want)
+
+
+# --------------------------------------------------------------------------------------------
+# damaged files of every format fail with DataError only
+
+def _mutations(blob: bytes, rng: random.Random, count: int) -> list[bytes]:
+    out = []
+    for _ in range(count):
+        b = bytearray(blob)
+        if rng.random() < 0.3:
+            del b[rng.randrange(len(b)):]  # truncate
+        else:
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        out.append(bytes(b))
+    return out
+
+
+def _fuzz_target(kind: str, root: Path) -> tuple[str, Path, Path]:
+    """(dataset name, data_dir, the file to damage) for one small valid dataset."""
+    if kind == "idx":
+        make_idx_dir(root)
+        return "mnist", root, root / (IDX_NAMES[0] + ".gz")
+    if kind == "cifar":
+        make_cifar10(root)
+        return "cifar10", root, root / "cifar-10-batches-py" / "test_batch"
+    if kind == "npz":
+        x = np.zeros((2, 4, 4), np.uint8)
+        path = write_npz(root / "d.npz", x_train=x, y_train=np.array([0, 1]), x_test=x,
+                         y_test=np.array([1, 0]), class_names=np.array(["a", "b"]))
+        return "npz", path, path
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+    pixels = np.random.default_rng(5).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    (root / "train" / "a" / "x.png").write_bytes(png_bytes(pixels, 2))
+    np.save(root / "test" / "a" / "y.npy", pixels)
+    return "imagefolder", root, root / ("train/a/x.png" if kind == "png" else "test/a/y.npy")
+
+
+@pytest.mark.parametrize("kind", ["idx", "cifar", "npz", "png", "npy"])
+def test_damaged_files_raise_only_data_error(tmp_path: Path, kind: str) -> None:
+    name, data_dir, victim = _fuzz_target(kind, tmp_path)
+    load(name, data_dir)  # the undamaged dataset loads
+    for blob in _mutations(victim.read_bytes(), random.Random(kind), 60):
+        victim.write_bytes(blob)
+        try:
+            load(name, data_dir)
+        except DataError:
+            pass  # anything else (struct.error, zlib.error, SyntaxError...) fails the test
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +508,8 @@ def test_imagefolder_other_formats_with_pillow(tmp_path: Path) -> None:
 
 def test_unknown_name_lists_available() -> None:
     with pytest.raises(DataError, match=r"unknown dataset 'imagenet'; available: cifar10, "
-                                        r"cifar100, fashion-mnist, imagefolder, mnist, npz, synthetic"):
+                                        r"cifar100, fashion-mnist, imagefolder, mnist, npz, "
+                                        r"synthetic"):
         load("imagenet")
     assert "fashion-mnist" in available() and "synthetic" in available()
 

@@ -1,0 +1,16 @@
+"""Distillation methods. Each module exposes ``NAME``, ``add_arguments(parser)`` and
+``distill(args, dataset) -> DistillResult``; ``ddfast.distill`` is the CLI over them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class DistillResult:
+    images: torch.Tensor  # normalised [N, C, H, W], what models consume
+    labels: torch.Tensor  # int64 [N]
+    soft_labels: torch.Tensor | None = None  # teacher logits [N, classes]
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # timings etc. for report.json

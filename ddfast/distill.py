@@ -1,0 +1,112 @@
+"""Distil a dataset: ``python -m ddfast.distill --method random --ipc 10``.
+
+Writes OUT/distilled.pt (images, labels, soft labels, metadata; see ``ddfast.io``), OUT/grid.png
+(one row per class) and OUT/report.json (timings, peak memory and, unless --no-eval, the
+evaluation result), and prints an accuracy table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddfast import __version__, backend, data, io
+from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
+from ddfast.utils import atomic_write_text, seed_everything
+
+METHODS = {"random": "ddfast.methods.random"}
+
+
+def _method(name: str) -> Any:
+    return importlib.import_module(METHODS[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ddfast.distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True, choices=sorted(METHODS), help="distillation method")
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"dataset to distil (default fashion-mnist); one of {', '.join(data.available())}")
+    parser.add_argument("--data-dir", default=None, help="dataset location (default: $DDFAST_DATA_DIR or the dataset's standard path)")
+    parser.add_argument("--ipc", type=int, default=10, help="images per class in the distilled set (default 10)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<method>-<dataset>-ipc<N>-s<seed>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+    parser.add_argument(
+        "--segment", type=int, default=0,
+        help="at most this many synthetic images go through a network at once; never changes the result, "
+        "only memory and time (0 = whole batch; ignored by methods without a network pass)",
+    )
+    parser.add_argument("--backend", choices=backend.BACKENDS, default=None, help="force a kernel backend (default: by device)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
+    evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
+    add_protocol_arguments(evaluation, prefix="eval-")
+    for name in sorted(METHODS):
+        _method(name).add_arguments(parser.add_argument_group(f"--method {name}"))
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject bad arguments before any work starts."""
+    if args.ipc < 1:
+        raise ValueError(f"--ipc must be >= 1, got {args.ipc}")
+    if args.segment < 0:
+        raise ValueError(f"--segment must be >= 0 (0 = whole batch), got {args.segment}")
+    if not args.no_eval:
+        if args.eval_epochs < 1 or args.eval_runs < 1:
+            raise ValueError("--eval-epochs and --eval-runs must be >= 1")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    validate(args)
+    dataset = data.load(args.dataset, args.data_dir)
+    out = Path(args.out or f"runs/{args.method}-{dataset.name}-ipc{args.ipc}-s{args.seed}")
+    seed_everything(args.seed)
+    start = time.time()
+    with backend.use_backend(args.backend):
+        result = _method(args.method).distill(args, dataset)
+    seconds = time.time() - start
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    meta = {
+        "method": args.method, "dataset": dataset.name, "ipc": args.ipc, "seed": args.seed,
+        "config": config, "ddfast_version": __version__, "class_names": list(dataset.class_names),
+        "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)},
+    }
+    io.save(out / "distilled.pt", result.images, result.labels, result.soft_labels, meta)
+    io.save_grid(out / "grid.png", result.images, result.labels, dataset.mean, dataset.std, dataset.num_classes)
+    report: dict[str, Any] = {
+        "method": args.method, "dataset": dataset.name, "ipc": args.ipc, "seed": args.seed, "config": config,
+        "seconds_distill": seconds,
+        "seconds_per_iteration": result.stats.get("seconds_per_iteration"),
+        "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{k: v for k, v in result.stats.items() if k != "seconds_per_iteration"},
+    }
+    if not args.no_eval:
+        evaluation = evaluate_synset(
+            result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed,
+            **protocol_kwargs(args, "eval-", result.soft_labels is not None),
+        )
+        report.update(evaluation)
+        print(format_table([{"method": args.method, "ipc": args.ipc, **evaluation}]))
+        print("accuracies: " + ", ".join(f"{a:.2f}" for a in evaluation["accs"]))
+    atomic_write_text(json.dumps(report, indent=2), out / "report.json")
+    print(f"wrote {out}/distilled.pt, {out}/grid.png, {out}/report.json")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
