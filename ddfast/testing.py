@@ -154,6 +154,12 @@ def aot_compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):
+        # Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction; rebuild the real
+        # JIT function from its Python source so one process can run both checks.
+        kernel = JITFunction(kernel.fn)
     source = ASTSource(kernel, signature, constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
