@@ -1,0 +1,104 @@
+"""Measurement helpers for ``pytest perf/``: timing percentiles, CPU peak memory, the results CSV.
+
+Rows follow one schema (kernel, provider, mode, shape, metric, unit, p50, p20, p80, device, commit)
+and are appended to perf/results/latest.csv and perf/results/latest.jsonl.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = ("kernel", "provider", "mode", "shape", "metric", "unit", "p50", "p20", "p80", "device", "commit")
+
+# Large tensors must come from (and go back to) mmap so the RSS high-water mark measures each
+# call's peak; a fixed threshold also stops glibc from raising it dynamically after frees.
+try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+except OSError:
+    pass
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}"
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20, min_seconds: float = 0.5) -> tuple[float, float, float]:
+    """(p50, p20, p80) wall time in ms over at least ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < reps or (time.perf_counter() - start < min_seconds and len(samples) < 10 * reps):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor(samples).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return q[0], q[1], q[2]
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_mem_mb(fn: Callable[[], object]) -> float:
+    """Peak extra memory of one call, in MB: CUDA max_memory_allocated on GPU; on CPU the rise of
+    the resident-set high-water mark (reset through /proc/self/clear_refs) over the resting RSS."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) / 1024
+
+
+def copy_bandwidth_gbs(nbytes: int) -> float:
+    """Measured read+write bandwidth of ``dst.copy_(src)`` for a buffer of ``nbytes`` (GB/s)."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_ms(lambda: dst.copy_(src), reps=30)
+    return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+def record(kernel: str, provider: str, mode: str, shape: str, metric: str, unit: str, values: tuple[float, float, float]) -> dict:
+    """Append one row to the results CSV/JSONL and return it."""
+    row = dict(zip(COLUMNS, (kernel, provider, mode, shape, metric, unit, *[round(v, 6) for v in values], device_name(), commit())))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / "latest.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    with open(RESULTS / "latest.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
