@@ -3,9 +3,18 @@
 #include <torch/extension.h>
 
 #include "parallel.h"
+#include "stat_match.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ddfast C++ CPU kernels (OpenMP)";
   m.def("openmp_enabled", &ddfast::openmp_enabled, "True when the extension was built with OpenMP");
   m.def("num_threads", &ddfast::num_threads, "OpenMP threads the kernels will use");
+  m.def("stat_match_forward", &ddfast::stat_match_forward, py::arg("x"), py::arg("patch"),
+        "K1 forward: (cmean[C], cm2[C], pmean[K], pm2[K]) of x [B,C,H,W]; M2 = sum of squared "
+        "deviations; float32 (float64 for float64 x); empty pmean/pm2 when patch == 0");
+  m.def("stat_match_backward", &ddfast::stat_match_backward, py::arg("x"), py::arg("cmean"),
+        py::arg("g_cmean"), py::arg("g_cvar"), py::arg("pmean"), py::arg("g_pmean"), py::arg("g_pvar"),
+        py::arg("patch"), py::arg("count_c"), py::arg("count_p"),
+        "K1 backward: dx (x's dtype and memory format) from the gradients of the channel/patch "
+        "means and variances (variance = M2 / count)");
 }

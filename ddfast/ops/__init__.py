@@ -1,0 +1,4 @@
+"""ddfast's fused ops (autograd Functions + backend dispatch), one module per op."""
+from ddfast.ops.stat_match import MomentSums, Moments, moment_sums, moments, stat_grad_surrogate
+
+__all__ = ["Moments", "MomentSums", "moments", "moment_sums", "stat_grad_surrogate"]
