@@ -1,0 +1,260 @@
+"""K1 (fused channel + patch statistics, EMA-SDS matching): every backend vs the float64
+reference, gradients, the segment contract, StatMatcher vs the official-style hooks."""
+import pytest
+import torch
+
+from ddfast import StatMatcher, models
+from ddfast.backend import use_backend
+from ddfast.ops import moment_sums, moments, stat_grad_surrogate
+from ddfast.reference import stat_match as ref
+from ddfast.reference.stat_match_official import OfficialBNHook, OfficialConvHook, official_loss
+from ddfast.testing import assert_close, rel_error
+
+# (B, C, H, W, patch): odd sizes resize to the next multiple of the patch (7 -> 8, 14 -> 16).
+SHAPES = [
+    (1, 1, 7, 7, 4),
+    (2, 3, 14, 14, 4),
+    (3, 4, 28, 28, 4),
+    (2, 5, 32, 32, 4),
+    (2, 3, 32, 32, 16),
+    (1, 2, 56, 56, 4),
+    (4, 6, 16, 16, None),
+    (1, 3, 7, 7, None),
+]
+# The interpreter runs Triton kernels in Python: keep its shapes small.
+TRITON_SHAPES = [(1, 1, 7, 7, 4), (2, 3, 8, 8, 4), (2, 3, 12, 12, 4), (1, 2, 32, 32, 16), (2, 4, 8, 8, None)]
+DTYPES = [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _make(shape, dtype, layout, seed, offset=0.0, scale=1.0):
+    b, c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other channel of a wider tensor: non-contiguous
+        x = torch.randn(b, 2 * c, h, w, generator=gen)[:, ::2]
+    else:
+        x = torch.randn(b, c, h, w, generator=gen)
+    x = (x * scale + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def _compare(backend, shape, dtype, tol, layout, seed, offset=0.0, scale=1.0):
+    *dims, patch = shape
+    x = _make(dims, dtype, layout, seed, offset, scale).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)  # exact copy of the rounded input
+    with use_backend(backend):
+        out = [o for o in moments(x, patch) if o is not None]
+    expected = [o for o in ref.moments(x64, patch) if o is not None]
+    for i, (o, e) in enumerate(zip(out, expected)):
+        assert o.dtype == torch.float32
+        assert_close(o, e, atol=tol * float(e.detach().abs().max()) + 1e-12, rtol=tol, name=f"{backend} statistic {i}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    cotangents = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in expected]
+    (dx,) = torch.autograd.grad(out, x, [c.float() for c in cotangents])
+    (dx64,) = torch.autograd.grad(expected, x64, cotangents)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    grad_tol = max(tol, 4 * torch.finfo(dtype).eps)
+    assert rel_error(dx, dx64) < grad_tol, f"{backend} dx relative error {rel_error(dx, dx64):.3e}"
+    assert_close(dx, dx64, atol=grad_tol * float(dx64.abs().max()), rtol=grad_tol, name=f"{backend} dx")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_backend_matches_float64_reference(backend, shape, dtype, tol, layout):
+    _compare(backend, shape, dtype, tol, layout, seed=hash((shape, str(dtype), layout)) % 2**31)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_backend_under_interpreter_matches_float64_reference(shape, dtype, tol, layout):
+    _compare("triton", shape, dtype, tol, layout, seed=hash((shape, str(dtype), layout)) % 2**31)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_large_mean_does_not_cancel(backend):
+    # Raw Σx² − (Σx)² in fp32 would lose every digit here: mean 1000, spread 0.01.
+    shape = (2, 3, 8, 8, 4)
+    _compare(backend, shape, torch.float32, 1e-4, "contiguous", seed=5, offset=1000.0, scale=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_nan_propagates_to_the_affected_statistics(backend):
+    # Documented behaviour: no error; NaN/Inf reach exactly the statistics whose elements hold them.
+    x = torch.randn(2, 3, 8, 8)
+    x[1, 2, 0, 5] = float("nan")
+    with use_backend(backend):
+        cm, cv, pm, pv = moments(x, 4)
+    assert torch.isnan(cm[2]) and torch.isnan(cv[2]) and torch.isfinite(cm[:2]).all()
+    assert torch.isnan(pm[1]) and torch.isnan(pv[1])  # pixel (0, 5) lies in patch row 0, col 1
+    assert torch.isfinite(pm[[0, 2, 3]]).all()
+
+
+def test_reference_gradcheck_float64():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    for patch in (None, 4):  # 6 -> resized to 8 for patch 4
+        with use_backend("reference"):
+            assert torch.autograd.gradcheck(lambda t: tuple(o for o in moments(t, patch) if o is not None), (x,))
+        assert torch.autograd.gradcheck(lambda t: tuple(o for o in ref.moments(t, patch) if o is not None), (x,))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_segment_sums_and_surrogate_reproduce_full_batch(backend):
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, 14, 14, dtype=torch.float64)
+    target = [torch.randn(4), torch.rand(4), torch.randn(16), torch.rand(16)]
+
+    def loss_of(stats):
+        return sum(torch.linalg.vector_norm(s - t.double()) for s, t in zip(stats, target))
+
+    with use_backend(backend):
+        full = x.clone().requires_grad_(True)
+        loss_of(moments(full, 4)).backward()
+        sums = None
+        for seg in x.split(3):
+            part = moment_sums(seg, 4)
+            sums = part if sums is None else sums.merge(part)
+        stats = [s.detach().requires_grad_(True) for s in sums.finalize(torch.float64)]
+        grads = torch.autograd.grad(loss_of(stats), stats)
+        seg_x = x.clone().requires_grad_(True)
+        for seg in seg_x.split(3):
+            stat_grad_surrogate(seg, sums, grads, 4).backward()
+    assert rel_error(seg_x.grad, full.grad) < 1e-12
+
+
+def test_moments_trace_under_torch_compile():
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    compiled = torch.compile(lambda t: sum(s.square().sum() for s in moments(t, 4)), fullgraph=True)
+    value = compiled(x)
+    (dx,) = torch.autograd.grad(value, x)
+    x64 = x.detach().double().requires_grad_(True)
+    expected = sum(s.square().sum() for s in ref.moments(x64, 4))
+    expected.backward()
+    assert rel_error(value, expected) < 1e-5 and rel_error(dx, x64.grad) < 1e-5
+
+
+def test_fused_path_allocates_nothing_activation_sized_but_dx():
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(8, 32, 32, 32, requires_grad=True)
+    nbytes = x.numel() * x.element_size()
+    with use_backend("cpu"), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stats = moments(x, 4)
+        (stats[1].sum() + stats[3].sum()).backward()
+    big = [e for e in prof.events() if e.self_cpu_memory_usage >= nbytes // 4]
+    # exactly one allocation at least a quarter of x's size: dx itself
+    assert len(big) == 1 and big[0].self_cpu_memory_usage == nbytes, [(e.name, e.self_cpu_memory_usage) for e in big]
+
+
+# ----------------------------------------------------------------------------- StatMatcher
+
+
+def _bn_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    net = models.create("resnet18", 3, 10, 16, width=8).to(dtype)
+    net.train()
+    with torch.no_grad():  # give BN non-trivial running statistics
+        for _ in range(3):
+            net(torch.randn(16, 3, 16, 16, dtype=dtype) * 2 + 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_matcher_equals_official_hooks(backend):
+    net = _bn_model()
+    data = [torch.randn(20, 3, 16, 16) for _ in range(3)]
+    with use_backend(backend):
+        matcher = StatMatcher(net, alpha=0.8, drop_rate=0.0, ema_init="zero")
+        stats = matcher.collect_conv_stats(data)
+    # Both run in the same forward passes: official forward hooks beside our pre-hooks.
+    bn_hooks = [OfficialBNHook(m, 0.8) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    conv_hooks = [OfficialConvHook(m, tuple(stats[n]), 4, 0.8) for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(8, 3, 16, 16)
+    for _ in range(3):  # the EMA state evolves identically
+        x = x.detach().requires_grad_(True)
+        with use_backend(backend):
+            net(x)
+            ours = matcher.loss()
+            (ours_grad,) = torch.autograd.grad(ours, x, retain_graph=True)
+        official = official_loss(bn_hooks, conv_hooks, 10.0)
+        (official_grad,) = torch.autograd.grad(official, x)
+        assert rel_error(ours, official) < 1e-5
+        assert rel_error(ours_grad, official_grad) < 1e-4
+        x = x - 0.1 * official_grad
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_matcher_segments_reproduce_full_batch(dtype, tol):
+    net = _bn_model(dtype)
+    data = [torch.randn(20, 3, 16, 16, dtype=dtype) for _ in range(2)]
+    full = StatMatcher(net, drop_rate=0.5)
+    stats = full.collect_conv_stats(data)
+    seg = StatMatcher(net, drop_rate=0.5, conv_stats=stats)
+    x = torch.randn(12, 3, 16, 16, dtype=dtype)
+    for it in range(4):
+        seg.mode, full.mode = "off", "full"
+        dropped = full.draw(torch.Generator().manual_seed(it))
+        assert seg.draw(torch.Generator().manual_seed(it)) == dropped
+        xa = x.clone().requires_grad_(True)
+        net(xa)
+        loss_full = full.loss()
+        loss_full.backward()
+        full.mode = "off"
+        with seg.accumulating():
+            for part in x.split(5):
+                net(part)
+        loss_seg = seg.finish_accumulation()
+        xb = x.clone().requires_grad_(True)
+        with seg.injecting():
+            for part in xb.split(5):
+                net(part)
+                seg.surrogate_loss().backward()
+        assert rel_error(loss_seg, loss_full) < max(tol, 1e-6)
+        assert rel_error(xb.grad, xa.grad) < tol
+        x = x - 0.05 * xa.grad
+
+
+def test_collect_exact_vs_official_averaging(tmp_path):
+    net = _bn_model(torch.float64)
+    data = [torch.randn(n, 3, 16, 16, dtype=torch.float64) + i for i, n in enumerate((5, 9, 2))]
+    matcher = StatMatcher(net)
+    first_conv = matcher.conv_layers[0].name
+    exact = matcher.collect_conv_stats(data, exact=True)[first_conv]
+    whole = ref.moments(torch.cat(data), 4)
+    for got, want in zip(exact, whole):
+        assert rel_error(got, want) < 1e-6
+    compat = matcher.collect_conv_stats(data, exact=False)[first_conv]
+    per_batch = [ref.moments(d, 4) for d in data]
+    for i, got in enumerate(compat):
+        assert rel_error(got, torch.stack([p[i] for p in per_batch]).mean(0)) < 1e-6
+    assert rel_error(compat[1], exact[1]) > 1e-3  # averaging per-batch variances drops the between-batch part
+
+    path = tmp_path / "stats.pt"
+    matcher.save_conv_stats(path)
+    again = StatMatcher(net)
+    loaded = again.load_conv_stats(path)
+    assert torch.equal(loaded[first_conv].channel_var, matcher.conv_targets[first_conv].channel_var)
+    other = _bn_model(torch.float64)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="different model"):
+        StatMatcher(other).load_conv_stats(path)
+
+
+def test_matcher_errors():
+    net = _bn_model()
+    with pytest.raises(ValueError, match="alpha"):
+        StatMatcher(net, alpha=1.0)
+    with pytest.raises(ValueError, match="layer_weights names no matched layer"):
+        StatMatcher(net, layer_weights={"nope": 2.0})
+    matcher = StatMatcher(net)
+    with pytest.raises(RuntimeError, match="no global statistics for conv layer"):
+        net(torch.randn(2, 3, 16, 16))
+    matcher.remove()
+    sre2l = StatMatcher(net, match_conv=False, alpha=0.0)  # SRe2L: BN only, no conv statistics needed
+    net(torch.randn(2, 3, 16, 16))
+    assert float(sre2l.loss()) > 0

@@ -1,0 +1,172 @@
+"""K1 (fused channel + patch statistics) C++ CPU backend vs a float64 PyTorch formulation."""
+import pytest
+import torch
+
+import ddfast._C as _C
+
+
+def ref_stats(x, p):
+    """float64 reference: (cmean, cm2, pmean, pm2) of x (already holding the values to compare)."""
+    xd = x.double()
+    B, C, H, W = xd.shape
+    cmean = xd.mean(dim=(0, 2, 3))
+    cm2 = ((xd - cmean.view(1, C, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    if p == 0:
+        e = xd.new_empty(0)
+        return cmean, cm2, e, e
+    K = (H // p) * (W // p)
+    xp = xd.reshape(B, C, H // p, p, W // p, p).permute(2, 4, 0, 1, 3, 5).reshape(K, -1)
+    pmean = xp.mean(dim=1)
+    pm2 = ((xp - pmean[:, None]) ** 2).sum(dim=1)
+    return cmean, cm2, pmean, pm2
+
+
+def ref_dx(x, cmean, g_cmean, g_cvar, pmean, g_pmean, g_pvar, p, count_c, count_p):
+    xd = x.double()
+    B, C, H, W = xd.shape
+    cm = cmean.double().view(1, C, 1, 1)
+    dx = g_cmean.double().view(1, C, 1, 1) / count_c + g_cvar.double().view(1, C, 1, 1) * 2 * (xd - cm) / count_c
+    if p > 0:
+        def expand(v):  # [K] -> [H, W]
+            return v.double().view(H // p, W // p).repeat_interleave(p, 0).repeat_interleave(p, 1)
+        dx = dx + expand(g_pmean) / count_p + expand(g_pvar) * 2 * (xd - expand(pmean)) / count_p
+    return dx
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+DT = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [  # (B, C, H, W, p)
+    (1, 1, 4, 4, 4), (2, 3, 8, 8, 4), (3, 5, 28, 28, 4), (2, 16, 32, 32, 4), (2, 8, 32, 32, 16),
+    (1, 4, 64, 64, 16), (2, 8, 56, 56, 4), (2, 3, 32, 32, 0), (4, 16, 8, 8, 0), (1, 1, 4, 4, 0),
+    (2, 6, 12, 8, 2), (2, 4, 8, 8, 1), (2, 3, 8, 8, 8),
+]
+
+
+def make(shape, dtype, layout, gen, mean=0.5, spread=1.0):
+    B, C, H, W, _ = shape
+    if layout == "noncontig":
+        x = mean + spread * torch.randn(B, C + 1, H, W + 3, generator=gen, dtype=torch.float64)
+        x = x[:, 1:, :, 2:W + 2]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = mean + spread * torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    x = x.to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def out_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "noncontig"])
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward(shape, dtype, layout):
+    gen = torch.Generator().manual_seed(hash((shape, str(dtype), layout)) % 2**31)
+    p = shape[4]
+    x = make(shape, dtype, layout, gen)
+    cmean, cm2, pmean, pm2 = _C.stat_match_forward(x, p)
+    r = ref_stats(x, p)  # x.double() of the rounded input
+    for got, want in zip((cmean, cm2, pmean, pm2), r):
+        assert got.dtype == out_dtype(dtype)
+        assert got.shape == want.shape
+        if want.numel():
+            assert rel(got, want) <= 1e-5
+    B, C, H, W, _ = shape
+    K = pmean.numel()
+    g = lambda n: torch.randn(n, generator=gen, dtype=out_dtype(dtype))  # noqa: E731
+    gcm, gcv, gpm, gpv = g(C), g(C), g(K), g(K)
+    count_c, count_p = 3.0 * B * H * W, 2.0 * B * C * max(p, 1) ** 2  # "global" counts != local
+    dx = _C.stat_match_backward(x, cmean, gcm, gcv, pmean, gpm, gpv, p, count_c, count_p)
+    want = ref_dx(x, cmean, gcm, gcv, pmean, gpm, gpv, p, count_c, count_p)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    if layout == "cl":
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert dx.is_contiguous()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel(dx, want) <= tol
+    if dtype in (torch.float16, torch.bfloat16):  # within one rounding of the exact value
+        assert ((dx.double() - want).abs() <= want.abs() * 2 * torch.finfo(dtype).eps + 1e-7).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(2, 8, 32, 32, 4), (3, 5, 28, 28, 4), (2, 4, 16, 16, 0)])
+def test_large_mean(shape, layout):
+    gen = torch.Generator().manual_seed(1)
+    x = make(shape, torch.float32, layout, gen, mean=1000.0, spread=1e-2)
+    got = _C.stat_match_forward(x, shape[4])
+    want = ref_stats(x, shape[4])
+    for a, b in zip(got, want):
+        if b.numel():
+            assert rel(a, b) <= 1e-5
+    # backward with large mean: x - mean differences must not cancel
+    B, C, H, W, p = shape
+    K = got[2].numel()
+    gcm, gcv, gpm, gpv = torch.zeros(C), torch.randn(C, generator=gen), torch.zeros(K), torch.randn(K, generator=gen)
+    dx = _C.stat_match_backward(x, got[0], gcm, gcv, got[2], gpm, gpv, p, B * H * W, B * C * max(p, 1) ** 2)
+    want = ref_dx(x, got[0], gcm, gcv, got[2], gpm, gpv, p, B * H * W, B * C * max(p, 1) ** 2)
+    assert rel(dx, want) <= 1e-5
+
+
+def test_structured_constant_patches():
+    # constant patches with a huge value: patch M2 must be (near) exactly zero, not rounding noise
+    x = torch.zeros(4, 8, 16, 16)
+    x[:, :, :4, :4] = 1000.0
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        cmean, cm2, pmean, pm2 = _C.stat_match_forward(xx, 4)
+        assert pm2[0].item() == 0.0 and pmean[0].item() == 1000.0
+        assert (pm2 == 0).all()
+        r = ref_stats(xx, 4)
+        assert rel(cm2, r[1]) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_nan_propagates(layout):
+    x = torch.randn(2, 4, 8, 8)
+    x[1, 2, 5, 6] = float("nan")  # channel 2, patch k = (5//4)*2 + 6//4 = 3
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cmean, cm2, pmean, pm2 = _C.stat_match_forward(x, 4)
+    assert torch.isnan(cmean[2]) and torch.isnan(cm2[2])
+    assert torch.isfinite(cmean[[0, 1, 3]]).all() and torch.isfinite(cm2[[0, 1, 3]]).all()
+    assert torch.isnan(pmean[3]) and torch.isnan(pm2[3])
+    assert torch.isfinite(pmean[:3]).all() and torch.isfinite(pm2[:3]).all()
+    x[0, 0, 0, 0] = float("inf")
+    _C.stat_match_forward(x, 4)  # must not crash
+    dx = _C.stat_match_backward(x, cmean, torch.ones(4), torch.ones(4), pmean, torch.ones(4), torch.ones(4), 4, 128.0, 128.0)
+    assert dx.shape == x.shape
+
+
+def test_deterministic():
+    x = torch.randn(8, 32, 16, 16)
+    a = _C.stat_match_forward(x, 4)
+    b = _C.stat_match_forward(x, 4)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_errors():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="4-D"):
+        _C.stat_match_forward(torch.randn(3, 8, 8), 4)
+    with pytest.raises(RuntimeError, match="divide"):
+        _C.stat_match_forward(torch.randn(2, 3, 8, 6), 4)
+    with pytest.raises(RuntimeError, match="float"):
+        _C.stat_match_forward(torch.ones(2, 3, 8, 8, dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="patch must be >= 0"):
+        _C.stat_match_forward(x, -1)
+    c, k = torch.zeros(3), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="g_cvar must have 3 entries"):
+        _C.stat_match_backward(x, c, c, torch.zeros(2), k, k, k, 4, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="pmean must have 4 entries"):
+        _C.stat_match_backward(x, c, c, c, torch.zeros(5), k, k, 4, 1.0, 1.0)
+    e = torch.zeros(0)
+    dx = _C.stat_match_backward(x, c, c, c, e, e, e, 0, 1.0, 0.0)  # patch 0: patch vectors unused
+    assert dx.shape == x.shape
