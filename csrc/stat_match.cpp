@@ -1,24 +1,31 @@
 // Kernel K1, CPU backend (OpenMP): fused channel + patch statistics and their closed-form backward.
 //
 // Forward. Statistics are accumulated per tile: a tile is one p x p patch of one (b, c) plane for an
-// NCHW x, or one p x p patch over all channels of one sample for a channels_last x (with patch == 0
-// the tile is the whole plane / one pixel row of a sample). Each tile is read twice while it sits in
-// L1 (memory traffic: one read of x): pass 1 sums it (float accumulation; double for float64 x) to
-// get a provisional mean m; pass 2 accumulates e = x - m and e^2, giving the tile's exact
-// (mean = m + sum(e)/n, M2 = sum(e^2) - sum(e)^2/n) without the cancellation of a raw sum of squares.
-// Channels_last tiles also center every channel on its own provisional mean over the strip of p rows
-// for the channel statistics. Tile (count, mean, M2) triples are merged in double with Chan's
-// formula: per plane / sample, then per fixed group of planes / samples (the groups do not depend on
-// the thread count), then across groups in a second parallel loop over channels / patches. Every sum
-// runs in a fixed order: results are bitwise reproducible for any number of threads.
+// NCHW x, or one p x p patch over all channels of one sample for a channels_last x (with patch == 0:
+// the whole plane / one pixel row of a sample). Each tile is read twice while it sits in L1 (memory
+// traffic: one read of x): pass 1 sums it (float accumulation in registers; double for float64 x)
+// to get a provisional mean m; pass 2 accumulates e = x - m and e^2, giving the tile's exact
+// (mean = m + sum(e)/n, M2 = sum(e^2) - sum(e)^2/n) without the cancellation of a raw sum of
+// squares. Channels_last tiles also center every channel on its own provisional mean over the strip
+// of p rows, for the channel statistics. Tile (count, mean, M2) triples are merged in double with
+// Chan's formula: per plane / sample, then per fixed group of planes / samples (the groups do not
+// depend on the thread count), then across groups in a second parallel loop over channels / patches.
+// Every sum runs in a fixed order: results are bitwise reproducible for any number of threads.
 //
 // Backward: dx = (A[c] + P[hw]) + S[c]*(x - cmean[c]) + Q[hw]*(x - pmean[k(hw)]) with per-channel
 // constants A = g_cmean/count_c, S = 2 g_cvar/count_c and per-pixel maps P = g_pmean/count_p,
-// Q = 2 g_pvar/count_p (H*W floats each). Keeping the (x - mean) differences instead of folding the
+// Q = 2 g_pvar/count_p (H*W entries each). Keeping the (x - mean) differences instead of folding the
 // means into the constants keeps dx accurate for inputs with a large mean.
 //
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
 // strides are made contiguous with x.contiguous() first (one extra copy).
+//
+// ISA: the kernels below the "kernel part" marker are compiled twice, for the build's baseline ISA
+// (x86-64-v2, SSE4.2) and with AVX2+FMA+F16C (this file includes itself once per ISA); the AVX2 copy
+// is used when the CPU supports it. Environment variable DDFAST_STAT_MATCH_ISA=base forces the
+// baseline copy (read on every call; used by the tests).
+#ifndef DDFAST_STAT_MATCH_KERNEL_PART
+
 #include "stat_match.h"
 
 #include <ATen/Dispatch.h>
@@ -28,13 +35,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "parallel.h"
 
 namespace ddfast {
-namespace {
+namespace sm_common {
 
 template <typename T>
 using acc_t_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
@@ -47,350 +56,48 @@ constexpr int64_t kMaxGroupEntries = int64_t(1) << 20;
 
 inline double nonneg(double v) { return v < 0.0 ? 0.0 : v; }  // NaN passes through
 
-// Streaming Chan merge: (gm, gm2) hold j items of `cnt` elements each; merge item (m, m2) of the
-// same count, elementwise over n entries.
-inline void chan_merge_equal(double* __restrict gm, double* __restrict gm2, const double* __restrict m,
-                             const double* __restrict m2, int64_t n, int64_t j, double cnt) {
-  if (j == 0) {
-    std::copy(m, m + n, gm);
-    std::copy(m2, m2 + n, gm2);
-    return;
-  }
-  const double r = 1.0 / double(j + 1);
-  const double w = cnt * double(j) * r;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = m[i] - gm[i];
-    gm[i] += d * r;
-    gm2[i] += m2[i] + d * d * w;
-  }
-}
+}  // namespace sm_common
+}  // namespace ddfast
 
-// ------------------------------------------------------------------------------------------------
-// NCHW: one (b, c) plane [H, W] (contiguous), tiles th x tw. Writes each tile's mean and M2 (double),
-// tile-row by tile-row so that both passes over a tile-row hit L1. s1, s2, mrow: W scratch entries.
-template <typename scalar_t, typename acc_t>
-void plane_tiles(const scalar_t* __restrict xp, int64_t H, int64_t W, int64_t th, int64_t tw,
-                 acc_t* __restrict s1, acc_t* __restrict s2, acc_t* __restrict mrow,
-                 double* __restrict tmean, double* __restrict tm2) {
-  const int64_t nth = H / th, ntw = W / tw;
-  const acc_t inv_nf = acc_t(1) / acc_t(th * tw);
-  const double n = double(th * tw);
-  for (int64_t i = 0; i < nth; ++i) {
-    const scalar_t* __restrict r0 = xp + i * th * W;
-    // pass 1: column sums over the th rows, then per-tile sums -> provisional tile means
-#pragma omp simd
-    for (int64_t w = 0; w < W; ++w) s1[w] = static_cast<acc_t>(r0[w]);
-    for (int64_t r = 1; r < th; ++r) {
-      const scalar_t* __restrict rp = r0 + r * W;
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) s1[w] += static_cast<acc_t>(rp[w]);
-    }
-    for (int64_t j = 0; j < ntw; ++j) {
-      acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < tw; ++q) s += s1[j * tw + q];
-      const acc_t m = s * inv_nf;
-      for (int64_t q = 0; q < tw; ++q) mrow[j * tw + q] = m;
-    }
-    // pass 2: centered sums
-#pragma omp simd
-    for (int64_t w = 0; w < W; ++w) {
-      const acc_t e = static_cast<acc_t>(r0[w]) - mrow[w];
-      s1[w] = e;
-      s2[w] = e * e;
-    }
-    for (int64_t r = 1; r < th; ++r) {
-      const scalar_t* __restrict rp = r0 + r * W;
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) {
-        const acc_t e = static_cast<acc_t>(rp[w]) - mrow[w];
-        s1[w] += e;
-        s2[w] += e * e;
-      }
-    }
-    for (int64_t j = 0; j < ntw; ++j) {
-      acc_t a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-      for (int64_t q = 0; q < tw; ++q) {
-        a += s1[j * tw + q];
-        b += s2[j * tw + q];
-      }
-      const double se = a, see = b;
-      tmean[i * ntw + j] = double(mrow[j * tw]) + se / n;
-      tm2[i * ntw + j] = nonneg(see - se * se / n);
-    }
-  }
-}
+#define DDFAST_STAT_MATCH_KERNEL_PART 1
 
-template <typename scalar_t>
-void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
-                  double* __restrict umean, double* __restrict um2,  // [B*C] per-plane stats
-                  double* __restrict gmean, double* __restrict gm2,  // [G*K] per-group patch stats
-                  int64_t G) {
-  using acc_t = acc_t_of<scalar_t>;
-  const bool patches = p > 0;
-  const int64_t th = patches ? p : H, tw = patches ? p : W;
-  const int64_t T = (H / th) * (W / tw);  // tiles per plane (== K when patches)
-  const double tn = double(th * tw);
-  const int64_t U = B * C, HW = H * W;
-#pragma omp parallel
-  {
-    std::vector<acc_t> s1(W), s2(W), mrow(W);
-    std::vector<double> tmean(T), tm2(T);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
-      for (int64_t u = u0; u < u1; ++u) {
-        plane_tiles<scalar_t, acc_t>(x + u * HW, H, W, th, tw, s1.data(), s2.data(), mrow.data(),
-                                     tmean.data(), tm2.data());
-        double pm = 0.0;
-        for (int64_t t = 0; t < T; ++t) pm += tmean[t];
-        pm /= double(T);
-        double m2 = 0.0, between = 0.0;
-        for (int64_t t = 0; t < T; ++t) {
-          const double d = tmean[t] - pm;
-          m2 += tm2[t];
-          between += d * d;
-        }
-        umean[u] = pm;
-        um2[u] = m2 + tn * between;
-        if (patches) chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, u - u0, tn);
-      }
-    }
-  }
-}
+#define SM_ATTR
+namespace ddfast {
+namespace sm_base {
+#include "stat_match.cpp"  // NOLINT(build/include): kernel part, baseline ISA
+}  // namespace sm_base
+}  // namespace ddfast
+#undef SM_ATTR
 
-// ------------------------------------------------------------------------------------------------
-// NHWC: one sample [H, W, C] (contiguous), processed in strips of th rows; tiles th x tw pixels x all
-// channels. Channel statistics of the sample go to cmean/cm2 [C]; with kPatches, tile stats to
-// tmean/tm2 [(H/th)*(W/tw)].
-template <typename scalar_t, typename acc_t, bool kPatches>
-void sample_nhwc(const scalar_t* __restrict xb, int64_t H, int64_t W, int64_t C, int64_t th, int64_t tw,
-                 acc_t* __restrict ptmp /*[ntw*C]*/, acc_t* __restrict mch /*[C]*/,
-                 acc_t* __restrict sd /*[C]*/, acc_t* __restrict sdd /*[C]*/,
-                 acc_t* __restrict mt /*[ntw]*/, double* __restrict scratch /*[2*C + 2*ntw]*/,
-                 double* __restrict cmean, double* __restrict cm2, double* __restrict tmean,
-                 double* __restrict tm2) {
-  const int64_t nth = H / th, ntw = W / tw;
-  const acc_t inv_tile = acc_t(1) / acc_t(C * th * tw);
-  const acc_t inv_strip = acc_t(1) / acc_t(th * W);
-  const double n_strip = double(th * W), n_tile = double(C * th * tw);
-  double* __restrict smean = scratch;       // [C]
-  double* __restrict sm2 = scratch + C;     // [C]
-  double* __restrict tse = scratch + 2 * C; // [ntw]
-  double* __restrict tsee = tse + ntw;      // [ntw]
-  for (int64_t i = 0; i < nth; ++i) {
-    const scalar_t* __restrict s0 = xb + i * th * W * C;
-    // pass 1: per (tile, channel) sums
-    std::fill(ptmp, ptmp + ntw * C, acc_t(0));
-    for (int64_t r = 0; r < th; ++r) {
-      for (int64_t w = 0; w < W; ++w) {
-        const scalar_t* __restrict px = s0 + (r * W + w) * C;
-        acc_t* __restrict pt = ptmp + (w / tw) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) pt[c] += static_cast<acc_t>(px[c]);
-      }
-    }
-    std::fill(mch, mch + C, acc_t(0));
-    for (int64_t j = 0; j < ntw; ++j) {
-      const acc_t* __restrict pt = ptmp + j * C;
-      acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < C; ++c) {
-        mch[c] += pt[c];
-        s += pt[c];
-      }
-      mt[j] = s * inv_tile;
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      mch[c] *= inv_strip;
-      sd[c] = 0;
-      sdd[c] = 0;
-    }
-    // pass 2: centered sums, per channel (channel stats) and per tile (patch stats)
-    if (kPatches) std::fill(tse, tse + 2 * ntw, 0.0);
-    for (int64_t r = 0; r < th; ++r) {
-      for (int64_t j = 0; j < ntw; ++j) {
-        const acc_t m = mt[j];
-        acc_t se = 0, see = 0;
-        for (int64_t q = 0; q < tw; ++q) {
-          const scalar_t* __restrict px = s0 + (r * W + j * tw + q) * C;
-          if (kPatches) {
-#pragma omp simd reduction(+ : se, see)
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(px[c]);
-              const acc_t d = v - mch[c];
-              sd[c] += d;
-              sdd[c] += d * d;
-              const acc_t e = v - m;
-              se += e;
-              see += e * e;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t d = static_cast<acc_t>(px[c]) - mch[c];
-              sd[c] += d;
-              sdd[c] += d * d;
-            }
-          }
-        }
-        if (kPatches) {
-          tse[j] += se;
-          tsee[j] += see;
-        }
-      }
-    }
-    if (kPatches) {
-      for (int64_t j = 0; j < ntw; ++j) {
-        tmean[i * ntw + j] = double(mt[j]) + tse[j] / n_tile;
-        tm2[i * ntw + j] = nonneg(tsee[j] - tse[j] * tse[j] / n_tile);
-      }
-    }
-    // strip channel triples -> running per-sample channel stats
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double a = sd[c], b = sdd[c];
-      smean[c] = double(mch[c]) + a / n_strip;
-      sm2[c] = nonneg(b - a * a / n_strip);
-    }
-    chan_merge_equal(cmean, cm2, smean, sm2, C, i, n_strip);
-  }
-}
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define DDFAST_SM_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define SM_ATTR __attribute__((target("avx2,fma,f16c")))
+namespace ddfast {
+namespace sm_avx2 {
+#include "stat_match.cpp"  // NOLINT(build/include): kernel part, AVX2 + FMA
+}  // namespace sm_avx2
+}  // namespace ddfast
+#undef SM_ATTR
+#pragma GCC pop_options
+#endif
 
-template <typename scalar_t>
-void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
-                  double* __restrict umean, double* __restrict um2,  // [B*C] per-(b, c) stats
-                  double* __restrict gmean, double* __restrict gm2,  // [G*K]
-                  int64_t G) {
-  using acc_t = acc_t_of<scalar_t>;
-  const bool patches = p > 0;
-  const int64_t th = patches ? p : 1, tw = patches ? p : W;
-  const int64_t ntw = W / tw, T = (H / th) * ntw;
-  const double tn = double(C * th * tw);
-  const int64_t HWC = H * W * C;
-#pragma omp parallel
-  {
-    std::vector<acc_t> ptmp(ntw * C), mch(C), sd(C), sdd(C), mt(ntw);
-    std::vector<double> scratch(2 * C + 2 * ntw), tmean(T), tm2(T);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t b0 = g * B / G, b1 = (g + 1) * B / G;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (patches) {
-          sample_nhwc<scalar_t, acc_t, true>(x + b * HWC, H, W, C, th, tw, ptmp.data(), mch.data(),
-                                              sd.data(), sdd.data(), mt.data(), scratch.data(),
-                                              umean + b * C, um2 + b * C, tmean.data(), tm2.data());
-          chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, b - b0, tn);
-        } else {
-          sample_nhwc<scalar_t, acc_t, false>(x + b * HWC, H, W, C, th, tw, ptmp.data(), mch.data(),
-                                               sd.data(), sdd.data(), mt.data(), scratch.data(),
-                                               umean + b * C, um2 + b * C, nullptr, nullptr);
-        }
-      }
-    }
-  }
-}
+namespace ddfast {
+namespace {
 
-// ------------------------------------------------------------------------------------------------
-// Backward kernels.
-template <typename scalar_t, typename acc_t>
-void backward_nchw(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C,
-                   int64_t HW, const acc_t* __restrict A, const acc_t* __restrict S,
-                   const acc_t* __restrict M, const acc_t* __restrict P, const acc_t* __restrict Q,
-                   const acc_t* __restrict PM, bool patches) {
-  const int64_t U = B * C;
-#pragma omp parallel for schedule(static)
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t c = u % C;
-    const acc_t a = A[c], s = S[c], m = M[c];
-    const scalar_t* __restrict xp = x + u * HW;
-    scalar_t* __restrict dp = dx + u * HW;
-    if (patches) {
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        dp[i] = static_cast<scalar_t>((a + P[i]) + s * (v - m) + Q[i] * (v - PM[i]));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        dp[i] = static_cast<scalar_t>(a + s * (v - m));
-      }
-    }
-  }
-}
+using sm_common::acc_t_of;
 
-template <typename scalar_t, typename acc_t>
-void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C,
-                   int64_t HW, const acc_t* __restrict A, const acc_t* __restrict S,
-                   const acc_t* __restrict M, const acc_t* __restrict P, const acc_t* __restrict Q,
-                   const acc_t* __restrict PM, bool patches) {
-  const int64_t R = B * HW;  // pixels
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t hw = r % HW;
-    const scalar_t* __restrict xp = x + r * C;
-    scalar_t* __restrict dp = dx + r * C;
-    if (patches) {
-      const acc_t pp = P[hw], q = Q[hw], pm = PM[hw];
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(xp[c]);
-        dp[c] = static_cast<scalar_t>((A[c] + pp) + S[c] * (v - M[c]) + q * (v - pm));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(xp[c]);
-        dp[c] = static_cast<scalar_t>(A[c] + S[c] * (v - M[c]));
-      }
-    }
-  }
-}
-
-// Final merge: channels from B per-(b, c) partials of n_unit elements each; patches from G group
-// partials ((u1 - u0) * unit_count elements each). Two-pass (mean, then M2 + between-term) in double.
-template <typename out_t>
-void merge_partials(const double* __restrict umean, const double* __restrict um2,
-                    const double* __restrict gmean, const double* __restrict gm2, int64_t B, int64_t C,
-                    int64_t K, int64_t U, int64_t G, double n_unit, double unit_count,
-                    out_t* __restrict cmean, out_t* __restrict cm2, out_t* __restrict pmean,
-                    out_t* __restrict pm2) {
-#pragma omp parallel
-  {
-#pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < C; ++c) {
-      double m = 0.0;
-      for (int64_t b = 0; b < B; ++b) m += umean[b * C + c];
-      m /= double(B);
-      double m2 = 0.0, between = 0.0;
-      for (int64_t b = 0; b < B; ++b) {
-        const double d = umean[b * C + c] - m;
-        m2 += um2[b * C + c];
-        between += d * d;
-      }
-      cmean[c] = static_cast<out_t>(m);
-      cm2[c] = static_cast<out_t>(m2 + n_unit * between);
-    }
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; ++k) {
-      double m = 0.0;
-      for (int64_t g = 0; g < G; ++g) m += double((g + 1) * U / G - g * U / G) * gmean[g * K + k];
-      m /= double(U);
-      double m2 = 0.0, between = 0.0;
-      for (int64_t g = 0; g < G; ++g) {
-        const double d = gmean[g * K + k] - m;
-        m2 += gm2[g * K + k];
-        between += double((g + 1) * U / G - g * U / G) * d * d;
-      }
-      pmean[k] = static_cast<out_t>(m);
-      pm2[k] = static_cast<out_t>(m2 + unit_count * between);
-    }
-  }
+bool use_avx2() {
+#ifdef DDFAST_SM_HAVE_AVX2
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  const char* env = std::getenv("DDFAST_STAT_MATCH_ISA");
+  if (env != nullptr && std::strcmp(env, "base") == 0) return false;
+  return cpu;
+#else
+  return false;
+#endif
 }
 
 enum class Layout { NCHW, NHWC };
@@ -446,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool patches = patch > 0;
   const int64_t K = patches ? (H / patch) * (W / patch) : 0;
-  // Units: planes (NCHW) or samples (NHWC); fixed groups of consecutive units.
+  // Units: planes (NCHW) or samples (NHWC), in fixed groups of consecutive units.
   const int64_t U = layout == Layout::NCHW ? B * C : B;
-  int64_t G = std::min<int64_t>(U, kMaxGroups);
-  if (patches) G = std::max<int64_t>(1, std::min<int64_t>(G, kMaxGroupEntries / K));
+  int64_t G = std::min<int64_t>(U, sm_common::kMaxGroups);
+  if (patches) G = std::max<int64_t>(1, std::min<int64_t>(G, sm_common::kMaxGroupEntries / K));
   const int64_t unit_count = layout == Layout::NCHW ? patch * patch : C * patch * patch;
 
   auto dopt = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
@@ -459,13 +166,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   double* um2_p = um2.data_ptr<double>();
   double* gmean_p = gmean.data_ptr<double>();
   double* gm2_p = gm2.data_ptr<double>();
+  const bool avx2 = use_avx2();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_match_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+#ifdef DDFAST_SM_HAVE_AVX2
+    if (avx2) {
+      if (layout == Layout::NCHW)
+        sm_avx2::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      else
+        sm_avx2::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      return;
+    }
+#endif
     if (layout == Layout::NCHW)
-      forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      sm_base::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
     else
-      forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      sm_base::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
   });
 
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -475,9 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   const double n_unit = double(H * W);  // elements of one (b, c) pair
 
   AT_DISPATCH_FLOATING_TYPES(out_type, "stat_match_forward_merge", [&] {
-    merge_partials<scalar_t>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, G, n_unit, double(unit_count),
-                             cmean.data_ptr<scalar_t>(), cm2.data_ptr<scalar_t>(),
-                             pmean.data_ptr<scalar_t>(), pm2.data_ptr<scalar_t>());
+    sm_base::merge_partials<scalar_t>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, G, n_unit,
+                                      double(unit_count), cmean.data_ptr<scalar_t>(),
+                                      cm2.data_ptr<scalar_t>(), pmean.data_ptr<scalar_t>(),
+                                      pm2.data_ptr<scalar_t>());
   });
   return std::make_tuple(cmean, cm2, pmean, pm2);
 }
@@ -508,6 +226,7 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(
                                            layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast
                                                                   : at::MemoryFormat::Contiguous));
+  const bool avx2 = use_avx2();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_match_backward", [&] {
     using acc_t = acc_t_of<scalar_t>;
@@ -542,14 +261,513 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
     }
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
+#ifdef DDFAST_SM_HAVE_AVX2
+    if (avx2) {
+      if (layout == Layout::NCHW)
+        sm_avx2::backward_nchw<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(),
+                                                P.data(), Q.data(), PM.data(), patches);
+      else
+        sm_avx2::backward_nhwc<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(),
+                                                P.data(), Q.data(), PM.data(), patches);
+      return;
+    }
+#endif
     if (layout == Layout::NCHW)
-      backward_nchw<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(), P.data(), Q.data(),
-                                     PM.data(), patches);
+      sm_base::backward_nchw<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(), P.data(),
+                                              Q.data(), PM.data(), patches);
     else
-      backward_nhwc<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(), P.data(), Q.data(),
-                                     PM.data(), patches);
+      sm_base::backward_nhwc<scalar_t, acc_t>(xp, dp, B, C, HW, A.data(), S.data(), M.data(), P.data(),
+                                              Q.data(), PM.data(), patches);
   });
   return dx;
 }
 
 }  // namespace ddfast
+
+#else  // DDFAST_STAT_MATCH_KERNEL_PART ===========================================================
+// Kernel part: included once per ISA inside namespace ddfast::sm_<isa>; SM_ATTR carries the ISA.
+
+using sm_common::acc_t_of;
+using sm_common::nonneg;
+
+// Streaming Chan merge: (gm, gm2) hold j items of `cnt` elements each; merge item (m, m2) of the
+// same count, elementwise over n entries.
+SM_ATTR inline void chan_merge_equal(double* __restrict gm, double* __restrict gm2,
+                                     const double* __restrict m, const double* __restrict m2, int64_t n,
+                                     int64_t j, double cnt) {
+  if (j == 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      gm[i] = m[i];
+      gm2[i] = m2[i];
+    }
+    return;
+  }
+  const double r = 1.0 / double(j + 1);
+  const double w = cnt * double(j) * r;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = m[i] - gm[i];
+    gm[i] += d * r;
+    gm2[i] += m2[i] + d * d * w;
+  }
+}
+
+// ---- NCHW --------------------------------------------------------------------------------------
+// One column block of a tile-row: BW columns (BW / TW tiles of TW columns) x th rows, starting at
+// x0 (row stride W). Accumulates in registers; writes the BW / TW tiles' mean and M2.
+template <int BW, int TW, typename scalar_t, typename acc_t>
+SM_ATTR inline void nchw_block(const scalar_t* __restrict x0, int64_t W, int64_t th, acc_t inv_nf,
+                               double n, double* __restrict tmean, double* __restrict tm2) {
+  constexpr int NT = BW / TW;
+  acc_t s[BW];
+  for (int l = 0; l < BW; ++l) s[l] = static_cast<acc_t>(x0[l]);
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict xr = x0 + r * W;
+    for (int l = 0; l < BW; ++l) s[l] += static_cast<acc_t>(xr[l]);
+  }
+  acc_t mt[NT], mb[BW];
+  for (int t = 0; t < NT; ++t) {
+    acc_t a = 0;
+    for (int q = 0; q < TW; ++q) a += s[t * TW + q];
+    mt[t] = a * inv_nf;
+  }
+  for (int l = 0; l < BW; ++l) mb[l] = mt[l / TW];
+  acc_t e1[BW], e2[BW];
+  for (int l = 0; l < BW; ++l) {
+    const acc_t e = static_cast<acc_t>(x0[l]) - mb[l];
+    e1[l] = e;
+    e2[l] = e * e;
+  }
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict xr = x0 + r * W;
+    for (int l = 0; l < BW; ++l) {
+      const acc_t e = static_cast<acc_t>(xr[l]) - mb[l];
+      e1[l] += e;
+      e2[l] += e * e;
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    acc_t a = 0, b = 0;
+    for (int q = 0; q < TW; ++q) {
+      a += e1[t * TW + q];
+      b += e2[t * TW + q];
+    }
+    const double se = a, see = b;
+    tmean[t] = double(mt[t]) + se / n;
+    tm2[t] = nonneg(see - se * se / n);
+  }
+}
+
+// One tile-row (th rows x W) with compile-time tile width TW: blocks of max(16, TW) columns, then
+// the remainder (a multiple of TW) in blocks of 8, 4, 2, 1.
+template <int TW, typename scalar_t, typename acc_t>
+SM_ATTR void nchw_tilerow_fixed(const scalar_t* __restrict r0, int64_t W, int64_t th, acc_t inv_nf,
+                                double n, double* __restrict tmean, double* __restrict tm2) {
+  constexpr int BW = TW > 16 ? TW : 16;
+  int64_t w = 0, t = 0;
+  for (; w + BW <= W; w += BW, t += BW / TW)
+    nchw_block<BW, TW, scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
+  if (TW <= 8 && w + 8 <= W) {
+    nchw_block<8, (TW <= 8 ? TW : 8), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
+    w += 8;
+    t += 8 / TW;
+  }
+  if (TW <= 4 && w + 4 <= W) {
+    nchw_block<4, (TW <= 4 ? TW : 4), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
+    w += 4;
+    t += 4 / TW;
+  }
+  if (TW <= 2 && w + 2 <= W) {
+    nchw_block<2, (TW <= 2 ? TW : 2), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
+    w += 2;
+    t += 2 / TW;
+  }
+  if (TW <= 1 && w + 1 <= W)
+    nchw_block<1, 1, scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
+}
+
+// Any tile width: column sums through W-entry scratch rows s1, s2, mrow.
+template <typename scalar_t, typename acc_t>
+SM_ATTR void nchw_tilerow_generic(const scalar_t* __restrict r0, int64_t W, int64_t th, int64_t tw,
+                                  acc_t inv_nf, double n, acc_t* __restrict s1, acc_t* __restrict s2,
+                                  acc_t* __restrict mrow, double* __restrict tmean,
+                                  double* __restrict tm2) {
+  const int64_t ntw = W / tw;
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) s1[w] = static_cast<acc_t>(r0[w]);
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict rp = r0 + r * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) s1[w] += static_cast<acc_t>(rp[w]);
+  }
+  for (int64_t j = 0; j < ntw; ++j) {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t q = 0; q < tw; ++q) s += s1[j * tw + q];
+    const acc_t m = s * inv_nf;
+    for (int64_t q = 0; q < tw; ++q) mrow[j * tw + q] = m;
+  }
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) {
+    const acc_t e = static_cast<acc_t>(r0[w]) - mrow[w];
+    s1[w] = e;
+    s2[w] = e * e;
+  }
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict rp = r0 + r * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) {
+      const acc_t e = static_cast<acc_t>(rp[w]) - mrow[w];
+      s1[w] += e;
+      s2[w] += e * e;
+    }
+  }
+  for (int64_t j = 0; j < ntw; ++j) {
+    acc_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t q = 0; q < tw; ++q) {
+      a += s1[j * tw + q];
+      b += s2[j * tw + q];
+    }
+    const double se = a, see = b;
+    tmean[j] = double(mrow[j * tw]) + se / n;
+    tm2[j] = nonneg(see - se * se / n);
+  }
+}
+
+// Whole plane (patch == 0): two passes over n contiguous elements with 32 register lanes; pass 2
+// flushes its float lanes into double every 4096 elements.
+template <typename scalar_t, typename acc_t>
+SM_ATTR void plane_twopass(const scalar_t* __restrict x, int64_t n, double* mean, double* m2) {
+  constexpr int L = 32;
+  constexpr int64_t CH = 4096;
+  acc_t a[L];
+  for (int l = 0; l < L; ++l) a[l] = 0;
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) a[l] += static_cast<acc_t>(x[i + l]);
+  acc_t s = 0;
+  for (; i < n; ++i) s += static_cast<acc_t>(x[i]);
+  for (int l = 0; l < L; ++l) s += a[l];
+  const acc_t m = s / acc_t(n);
+  double se = 0.0, see = 0.0;
+  for (int64_t c0 = 0; c0 < n; c0 += CH) {
+    const int64_t c1 = std::min(n, c0 + CH);
+    acc_t e1[L], e2[L];
+    for (int l = 0; l < L; ++l) e1[l] = e2[l] = 0;
+    i = c0;
+    for (; i + L <= c1; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t e = static_cast<acc_t>(x[i + l]) - m;
+        e1[l] += e;
+        e2[l] += e * e;
+      }
+    }
+    acc_t t1 = 0, t2 = 0;
+    for (; i < c1; ++i) {
+      const acc_t e = static_cast<acc_t>(x[i]) - m;
+      t1 += e;
+      t2 += e * e;
+    }
+    for (int l = 0; l < L; ++l) {
+      t1 += e1[l];
+      t2 += e2[l];
+    }
+    se += t1;
+    see += t2;
+  }
+  const double dn = double(n);
+  *mean = double(m) + se / dn;
+  *m2 = nonneg(see - se * se / dn);
+}
+
+template <typename scalar_t>
+SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
+                          int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
+                          double* __restrict gmean, double* __restrict gm2,  // [G*K]
+                          int64_t G) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t U = B * C, HW = H * W;
+  if (p == 0) {
+#pragma omp parallel for schedule(static)
+    for (int64_t u = 0; u < U; ++u) plane_twopass<scalar_t, acc_t>(x + u * HW, HW, umean + u, um2 + u);
+    return;
+  }
+  const int64_t nth = H / p, ntw = W / p, T = nth * ntw;  // T == K
+  const double tn = double(p * p);
+  const acc_t inv_nf = acc_t(1) / acc_t(p * p);
+#pragma omp parallel
+  {
+    std::vector<acc_t> s1(W), s2(W), mrow(W);
+    std::vector<double> tmean(T), tm2(T);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
+      for (int64_t u = u0; u < u1; ++u) {
+        const scalar_t* __restrict xp = x + u * HW;
+        for (int64_t i = 0; i < nth; ++i) {
+          const scalar_t* r0 = xp + i * p * W;
+          double* tmi = tmean.data() + i * ntw;
+          double* tvi = tm2.data() + i * ntw;
+          switch (p) {
+            case 1: nchw_tilerow_fixed<1, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
+            case 2: nchw_tilerow_fixed<2, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
+            case 4: nchw_tilerow_fixed<4, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
+            case 8: nchw_tilerow_fixed<8, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
+            case 16: nchw_tilerow_fixed<16, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
+            default:
+              nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, tn, s1.data(), s2.data(),
+                                                    mrow.data(), tmi, tvi);
+          }
+        }
+        // plane = union of its T equal-count tiles
+        double pm = 0.0;
+        for (int64_t t = 0; t < T; ++t) pm += tmean[t];
+        pm /= double(T);
+        double m2 = 0.0, between = 0.0;
+        for (int64_t t = 0; t < T; ++t) {
+          const double d = tmean[t] - pm;
+          m2 += tm2[t];
+          between += d * d;
+        }
+        umean[u] = pm;
+        um2[u] = m2 + tn * between;
+        chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, u - u0, tn);
+      }
+    }
+  }
+}
+
+// ---- NHWC --------------------------------------------------------------------------------------
+// One sample [H, W, C] (contiguous), processed in strips of th rows; tiles th x tw pixels x all
+// channels. Channel statistics of the sample go to cmean/cm2 [C]; with kPatches, tile stats to
+// tmean/tm2 [(H/th)*(W/tw)].
+template <typename scalar_t, typename acc_t, bool kPatches>
+SM_ATTR void sample_nhwc(const scalar_t* __restrict xb, int64_t H, int64_t W, int64_t C, int64_t th,
+                         int64_t tw, acc_t* __restrict ptmp /*[ntw*C]*/, acc_t* __restrict mch /*[C]*/,
+                         acc_t* __restrict sd /*[C]*/, acc_t* __restrict sdd /*[C]*/,
+                         acc_t* __restrict mt /*[ntw]*/, double* __restrict scratch /*[2C+2ntw]*/,
+                         double* __restrict cmean, double* __restrict cm2, double* __restrict tmean,
+                         double* __restrict tm2) {
+  const int64_t nth = H / th, ntw = W / tw;
+  const acc_t inv_tile = acc_t(1) / acc_t(C * th * tw);
+  const acc_t inv_strip = acc_t(1) / acc_t(th * W);
+  const double n_strip = double(th * W), n_tile = double(C * th * tw);
+  double* __restrict smean = scratch;        // [C]
+  double* __restrict sm2 = scratch + C;      // [C]
+  double* __restrict tse = scratch + 2 * C;  // [ntw]
+  double* __restrict tsee = tse + ntw;       // [ntw]
+  for (int64_t i = 0; i < nth; ++i) {
+    const scalar_t* __restrict s0 = xb + i * th * W * C;
+    // pass 1: per (tile, channel) sums
+    for (int64_t j = 0; j < ntw * C; ++j) ptmp[j] = 0;
+    for (int64_t r = 0; r < th; ++r) {
+      for (int64_t w = 0; w < W; ++w) {
+        const scalar_t* __restrict px = s0 + (r * W + w) * C;
+        acc_t* __restrict pt = ptmp + (w / tw) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) pt[c] += static_cast<acc_t>(px[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) mch[c] = 0;
+    for (int64_t j = 0; j < ntw; ++j) {
+      const acc_t* __restrict pt = ptmp + j * C;
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < C; ++c) {
+        mch[c] += pt[c];
+        s += pt[c];
+      }
+      mt[j] = s * inv_tile;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      mch[c] *= inv_strip;
+      sd[c] = 0;
+      sdd[c] = 0;
+    }
+    // pass 2: centered sums, per channel (channel stats) and per tile (patch stats)
+    if (kPatches)
+      for (int64_t j = 0; j < 2 * ntw; ++j) tse[j] = 0.0;
+    for (int64_t r = 0; r < th; ++r) {
+      for (int64_t j = 0; j < ntw; ++j) {
+        const acc_t m = mt[j];
+        acc_t se = 0, see = 0;
+        for (int64_t q = 0; q < tw; ++q) {
+          const scalar_t* __restrict px = s0 + (r * W + j * tw + q) * C;
+          if (kPatches) {
+#pragma omp simd reduction(+ : se, see)
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t v = static_cast<acc_t>(px[c]);
+              const acc_t d = v - mch[c];
+              sd[c] += d;
+              sdd[c] += d * d;
+              const acc_t e = v - m;
+              se += e;
+              see += e * e;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = static_cast<acc_t>(px[c]) - mch[c];
+              sd[c] += d;
+              sdd[c] += d * d;
+            }
+          }
+        }
+        if (kPatches) {
+          tse[j] += se;
+          tsee[j] += see;
+        }
+      }
+    }
+    if (kPatches) {
+      for (int64_t j = 0; j < ntw; ++j) {
+        tmean[i * ntw + j] = double(mt[j]) + tse[j] / n_tile;
+        tm2[i * ntw + j] = nonneg(tsee[j] - tse[j] * tse[j] / n_tile);
+      }
+    }
+    // strip channel triples -> running per-sample channel stats
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = sd[c], b = sdd[c];
+      smean[c] = double(mch[c]) + a / n_strip;
+      sm2[c] = nonneg(b - a * a / n_strip);
+    }
+    chan_merge_equal(cmean, cm2, smean, sm2, C, i, n_strip);
+  }
+}
+
+template <typename scalar_t>
+SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
+                          int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
+                          double* __restrict gmean, double* __restrict gm2,  // [G*K]
+                          int64_t G) {
+  using acc_t = acc_t_of<scalar_t>;
+  const bool patches = p > 0;
+  const int64_t th = patches ? p : 1, tw = patches ? p : W;
+  const int64_t ntw = W / tw, T = (H / th) * ntw;
+  const double tn = double(C * th * tw);
+  const int64_t HWC = H * W * C;
+#pragma omp parallel
+  {
+    std::vector<acc_t> ptmp(ntw * C), mch(C), sd(C), sdd(C), mt(ntw);
+    std::vector<double> scratch(2 * C + 2 * ntw), tmean(T), tm2(T);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t b0 = g * B / G, b1 = (g + 1) * B / G;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (patches) {
+          sample_nhwc<scalar_t, acc_t, true>(x + b * HWC, H, W, C, th, tw, ptmp.data(), mch.data(),
+                                              sd.data(), sdd.data(), mt.data(), scratch.data(),
+                                              umean + b * C, um2 + b * C, tmean.data(), tm2.data());
+          chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, b - b0, tn);
+        } else {
+          sample_nhwc<scalar_t, acc_t, false>(x + b * HWC, H, W, C, th, tw, ptmp.data(), mch.data(),
+                                               sd.data(), sdd.data(), mt.data(), scratch.data(),
+                                               umean + b * C, um2 + b * C, nullptr, nullptr);
+        }
+      }
+    }
+  }
+}
+
+// Final merge: channels from B per-(b, c) partials of n_unit elements each; patches from G group
+// partials ((u1 - u0) * unit_count elements each). Two-pass (mean, then M2 + between-term) in double.
+template <typename out_t>
+SM_ATTR void merge_partials(const double* __restrict umean, const double* __restrict um2,
+                            const double* __restrict gmean, const double* __restrict gm2, int64_t B,
+                            int64_t C, int64_t K, int64_t U, int64_t G, double n_unit, double unit_count,
+                            out_t* __restrict cmean, out_t* __restrict cm2, out_t* __restrict pmean,
+                            out_t* __restrict pm2) {
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < C; ++c) {
+      double m = 0.0;
+      for (int64_t b = 0; b < B; ++b) m += umean[b * C + c];
+      m /= double(B);
+      double m2 = 0.0, between = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        const double d = umean[b * C + c] - m;
+        m2 += um2[b * C + c];
+        between += d * d;
+      }
+      cmean[c] = static_cast<out_t>(m);
+      cm2[c] = static_cast<out_t>(m2 + n_unit * between);
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      double m = 0.0;
+      for (int64_t g = 0; g < G; ++g) m += double((g + 1) * U / G - g * U / G) * gmean[g * K + k];
+      m /= double(U);
+      double m2 = 0.0, between = 0.0;
+      for (int64_t g = 0; g < G; ++g) {
+        const double d = gmean[g * K + k] - m;
+        m2 += gm2[g * K + k];
+        between += double((g + 1) * U / G - g * U / G) * d * d;
+      }
+      pmean[k] = static_cast<out_t>(m);
+      pm2[k] = static_cast<out_t>(m2 + unit_count * between);
+    }
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+SM_ATTR void backward_nchw(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C,
+                           int64_t HW, const acc_t* __restrict A, const acc_t* __restrict S,
+                           const acc_t* __restrict M, const acc_t* __restrict P,
+                           const acc_t* __restrict Q, const acc_t* __restrict PM, bool patches) {
+  const int64_t U = B * C;
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t c = u % C;
+    const acc_t a = A[c], s = S[c], m = M[c];
+    const scalar_t* __restrict xp = x + u * HW;
+    scalar_t* __restrict dp = dx + u * HW;
+    if (patches) {
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) {
+        const acc_t v = static_cast<acc_t>(xp[i]);
+        dp[i] = static_cast<scalar_t>((a + P[i]) + s * (v - m) + Q[i] * (v - PM[i]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) {
+        const acc_t v = static_cast<acc_t>(xp[i]);
+        dp[i] = static_cast<scalar_t>(a + s * (v - m));
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+SM_ATTR void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C,
+                           int64_t HW, const acc_t* __restrict A, const acc_t* __restrict S,
+                           const acc_t* __restrict M, const acc_t* __restrict P,
+                           const acc_t* __restrict Q, const acc_t* __restrict PM, bool patches) {
+  const int64_t R = B * HW;  // pixels
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t hw = r % HW;
+    const scalar_t* __restrict xp = x + r * C;
+    scalar_t* __restrict dp = dx + r * C;
+    if (patches) {
+      const acc_t pp = P[hw], q = Q[hw], pm = PM[hw];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(xp[c]);
+        dp[c] = static_cast<scalar_t>((A[c] + pp) + S[c] * (v - M[c]) + q * (v - pm));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(xp[c]);
+        dp[c] = static_cast<scalar_t>(A[c] + S[c] * (v - M[c]));
+      }
+    }
+  }
+}
+
+#endif  // DDFAST_STAT_MATCH_KERNEL_PART

@@ -3,9 +3,14 @@ kernels for real GPU targets (sm_80, sm_90) without a GPU to read ptxas's regist
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -140,41 +145,95 @@ def _ptxas_binary(arch: int) -> str:
     return nvidia_compiler.get_ptxas(arch).path
 
 
-def aot_compile(
-    kernel: Any,
-    signature: dict[str, str],
-    constexprs: dict[str, Any],
-    arch: int,
-    num_warps: int = 4,
-) -> PtxasReport:
-    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` ahead of time (no GPU or driver needed)
-    and return ptxas's register/spill report. Signature values are Triton types (``"*fp32"``,
-    ``"i32"``, ``"fp32"``) or ``"constexpr"`` for the entries of ``constexprs``."""
+@dataclasses.dataclass(frozen=True)
+class AotRequest:
+    """One ahead-of-time compilation: a ``@triton.jit`` kernel, its signature (Triton types such as
+    ``"*fp32"``, ``"i32"``, ``"fp32"``, or ``"constexpr"``), constexpr values and target."""
+
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    arch: int
+    num_warps: int = 4
+
+
+def aot_compile(kernel: Any, signature: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int = 4) -> PtxasReport:
+    """Compile a Triton kernel for ``sm_<arch>`` without a GPU or driver and return ptxas's
+    register/spill report (see :func:`aot_compile_many`)."""
+    return aot_compile_many([AotRequest(kernel, signature, constexprs, arch, num_warps)])[0]
+
+
+def aot_compile_many(requests: Sequence[AotRequest]) -> list[PtxasReport]:
+    """Compile every request; a failed compile raises RuntimeError naming the kernel.
+
+    Under ``TRITON_INTERPRET=1`` this runs in one child process without the interpreter: compiling
+    kernels that call triton.language's own jit helpers (tl.sum, tl.zeros, ...) in an interpreting
+    process executes their interpreted versions, which patches triton.language for good."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return [_compile_here(r) for r in requests]
+    payload = [
+        {
+            "file": inspect.getsourcefile(_python_fn(r.kernel)),
+            "module": _python_fn(r.kernel).__module__,
+            "name": _python_fn(r.kernel).__name__,
+            "signature": r.signature,
+            "constexprs": r.constexprs,
+            "arch": r.arch,
+            "num_warps": r.num_warps,
+        }
+        for r in requests
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddfast.testing"], input=json.dumps(payload), env=env,
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compilation failed:\n{proc.stderr[-4000:]}")
+    return [PtxasReport(**fields) for fields in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def _python_fn(kernel: Any) -> Callable[..., Any]:
+    return kernel.fn  # both JITFunction and InterpretedFunction keep the Python function here
+
+
+def _load_kernel(entry: dict[str, Any]) -> Any:
+    directory = os.path.dirname(entry["file"])
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(entry["module"])
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(entry["module"], entry["file"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return getattr(module, entry["name"])
+
+
+def _compile_here(request: AotRequest) -> PtxasReport:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(kernel, JITFunction):
-        # Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction; rebuild the real
-        # JIT function from its Python source so one process can run both checks.
-        kernel = JITFunction(kernel.fn)
-    source = ASTSource(kernel, signature, constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    ptx = compiled.asm["ptx"]
+    arch = request.arch
+    name = _python_fn(request.kernel).__name__
+    try:
+        source = ASTSource(request.kernel, request.signature, request.constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": request.num_warps})
+    except Exception as err:
+        raise RuntimeError(f"Triton could not compile {name} for sm_{arch}: {err}") from err
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
-            f.write(ptx)
+            f.write(compiled.asm["ptx"])
         proc = subprocess.run(
             [_ptxas_binary(arch), "-v", f"--gpu-name={gpu_name}", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")],
             capture_output=True, text=True, check=False,
         )
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {gpu_name}:\n{log}")
+        raise RuntimeError(f"ptxas failed for {name} on {gpu_name}:\n{log}")
 
     def grab(pattern: str) -> int:
         match = re.search(pattern, log)
@@ -189,3 +248,12 @@ def aot_compile(
         shared_bytes=grab(r"(\d+) bytes smem"),
         log=log,
     )
+
+
+if __name__ == "__main__":  # the child process of aot_compile_many
+    entries = json.loads(sys.stdin.read())
+    reports = [
+        _compile_here(AotRequest(_load_kernel(e), e["signature"], e["constexprs"], e["arch"], e["num_warps"]))
+        for e in entries
+    ]
+    print(json.dumps([dataclasses.asdict(r) for r in reports]))

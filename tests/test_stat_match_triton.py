@@ -1,23 +1,16 @@
 """K1 Triton backend (kernels/stat_match.py): numerics under TRITON_INTERPRET=1 against float64
 PyTorch formulations written here, and ahead-of-time compilation of every kernel for sm_80/sm_90.
 
-The AOT checks run in a subprocess without TRITON_INTERPRET: under the interpreter, triton.language's
-own @jit helpers (tl.zeros, tl.sum, tl.cdiv, ...) are InterpretedFunctions, and compiling a kernel
-that calls them makes the code generator execute them as Python, which patches triton.language for
-the rest of the process (tl.static_range becomes Python's range and the compile fails; only
-Triton-cache hits hide it). Run `python tests/test_stat_match_triton.py` to print the table alone.
+The AOT checks go through ddfast.testing.aot_compile_many, which compiles in a child process without
+the interpreter (see its docstring for why). `pytest -s -k aot` prints the register table.
 """
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ddfast.kernels import stat_match as sm
+from ddfast.testing import AotRequest, PtxasReport, aot_compile_many
 
 # ---------------------------------------------------------------------------------------------
 # float64 references
@@ -264,7 +257,7 @@ def test_backward_nan_propagates():
 
 
 # ---------------------------------------------------------------------------------------------
-# AOT compilation for sm_80 / sm_90 (subprocess without the interpreter)
+# AOT compilation for sm_80 / sm_90
 # ---------------------------------------------------------------------------------------------
 
 # shapes the launchers see in practice: (B, C, H, W, p)
@@ -317,50 +310,23 @@ def aot_configs() -> dict[str, tuple[str, dict, dict]]:
     return configs
 
 
-def _aot_main() -> dict[str, dict]:
-    """Compile every config for every arch (run in a process without TRITON_INTERPRET)."""
-    from ddfast.testing import aot_compile
-
-    results = {}
-    for label, (name, sig, ce) in aot_configs().items():
-        for arch in AOT_ARCHS:
-            try:
-                rep = aot_compile(getattr(sm, name), sig, ce, arch, num_warps=sm.NUM_WARPS)
-                results[f"{label}@sm{arch}"] = {"registers": rep.registers, "spills": rep.spills,
-                                                "stack": rep.stack_bytes}
-            except Exception as err:  # reported by the test that owns the label
-                results[f"{label}@sm{arch}"] = {"error": f"{type(err).__name__}: {err}"[-2000:]}
-    return results
-
-
 AOT_LABELS = [f"{label}@sm{arch}" for label in aot_configs() for arch in AOT_ARCHS]
 
 
 @pytest.fixture(scope="module")
-def aot_results():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise AssertionError(f"AOT subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def aot_results() -> dict[str, PtxasReport]:
+    configs = aot_configs()
+    requests = [
+        AotRequest(getattr(sm, name), sig, ce, arch, sm.NUM_WARPS)
+        for name, sig, ce in configs.values()
+        for arch in AOT_ARCHS
+    ]
+    return dict(zip(AOT_LABELS, aot_compile_many(requests)))
 
 
 @pytest.mark.parametrize("label", AOT_LABELS)
 def test_aot_compiles_without_spills(aot_results, label):
-    res = aot_results[label]
-    assert "error" not in res, res.get("error")
-    print(f"\n{label}: {res['registers']} registers, {res['spills']} spill bytes, {res['stack']} stack bytes")
-    assert res["spills"] == 0
-    assert res["registers"] <= 128
-
-
-if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("run without TRITON_INTERPRET=1 (see the module docstring)")
-    out = _aot_main()
-    if "--json" in sys.argv:
-        print(json.dumps(out))
-    else:
-        for key, val in out.items():
-            print(f"{key:60s} {val}")
+    report = aot_results[label]
+    print(f"\n{label}: {report.registers} registers, {report.spills} spill bytes, {report.stack_bytes} stack bytes")
+    assert report.spills == 0
+    assert report.registers <= 128

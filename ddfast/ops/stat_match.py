@@ -72,8 +72,14 @@ def _kernels():
     return triton_stat_match
 
 
-def _forward_impl(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backend_for(x: Tensor) -> str:
     name = backend.select_backend(x.device)
+    # The Triton kernels compute in fp32; float64 (oracle) inputs take the reference path.
+    return "reference" if name == "triton" and x.dtype == torch.float64 else name
+
+
+def _forward_impl(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    name = _backend_for(x)
     if name == "cpu":
         return tuple(backend.cpu_extension().stat_match_forward(x, patch))
     if name == "triton":
@@ -82,7 +88,7 @@ def _forward_impl(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor
 
 
 def _backward_impl(x: Tensor, *args) -> Tensor:
-    name = backend.select_backend(x.device)
+    name = _backend_for(x)
     if name == "cpu":
         dx = backend.cpu_extension().stat_match_backward(x, *args)
     elif name == "triton":
