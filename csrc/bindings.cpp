@@ -17,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("patch"), py::arg("count_c"), py::arg("count_p"),
         "K1 backward: dx (x's dtype and memory format) from the gradients of the channel/patch "
         "means and variances (variance = M2 / count)");
+  { void ddfast_register_densify(pybind11::module_&); ddfast_register_densify(m); }  // K3 densify_forward, jacobi_eigh (csrc/densify.cpp)
 }

@@ -42,6 +42,9 @@
 
 #include "parallel.h"
 
+// The kernels pass 32-byte GCC vectors between inlined helpers only; no ABI is exposed.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace ddfast {
 namespace sm_common {
 
@@ -312,86 +315,148 @@ SM_ATTR inline void chan_merge_equal(double* __restrict gm, double* __restrict g
   }
 }
 
+// Software prefetch of [p, p + bytes) (hint only: never faults, also past the end of x).
+SM_ATTR inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 // ---- NCHW --------------------------------------------------------------------------------------
-// One column block of a tile-row: BW columns (BW / TW tiles of TW columns) x th rows, starting at
-// x0 (row stride W). Accumulates in registers; writes the BW / TW tiles' mean and M2.
-template <int BW, int TW, typename scalar_t, typename acc_t>
-SM_ATTR inline void nchw_block(const scalar_t* __restrict x0, int64_t W, int64_t th, acc_t inv_nf,
-                               double n, double* __restrict tmean, double* __restrict tm2) {
-  constexpr int NT = BW / TW;
-  acc_t s[BW];
-  for (int l = 0; l < BW; ++l) s[l] = static_cast<acc_t>(x0[l]);
+// 32-byte vectors (GCC vector extensions: one ymm with AVX2, two xmm on the baseline).
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t itype __attribute__((vector_size(32)));
+  static constexpr int L = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t itype __attribute__((vector_size(32)));
+  static constexpr int L = 4;
+};
+
+template <typename scalar_t, typename acc_t>
+SM_ATTR inline __attribute__((always_inline)) typename Vec<acc_t>::type vload(const scalar_t* __restrict p) {
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int l = 0; l < Vec<acc_t>::L; ++l) v[l] = static_cast<acc_t>(p[l]);
+  }
+  return v;
+}
+
+// Sum within aligned groups of G lanes (G a power of 2, <= L); the sum lands in every lane of the group.
+template <int G, typename acc_t>
+SM_ATTR inline __attribute__((always_inline)) typename Vec<acc_t>::type group_sum(typename Vec<acc_t>::type v) {
+  typedef typename Vec<acc_t>::itype I;
+  constexpr int L = Vec<acc_t>::L;
+  if constexpr (L == 8) {
+    if constexpr (G >= 2) v += __builtin_shuffle(v, I{1, 0, 3, 2, 5, 4, 7, 6});
+    if constexpr (G >= 4) v += __builtin_shuffle(v, I{2, 3, 0, 1, 6, 7, 4, 5});
+    if constexpr (G >= 8) v += __builtin_shuffle(v, I{4, 5, 6, 7, 0, 1, 2, 3});
+  } else {
+    if constexpr (G >= 2) v += __builtin_shuffle(v, I{1, 0, 3, 2});
+    if constexpr (G >= 4) v += __builtin_shuffle(v, I{2, 3, 0, 1});
+  }
+  return v;
+}
+
+// One column block of a tile-row: NV vectors (NV * L columns; tiles of TW columns) x th rows from
+// x0 (row stride W), accumulated in registers. Per tile writes the provisional mean tm, the
+// correction tc = sum(e)/n and tv = M2 (tile mean = tm + tc, kept apart to stay exact).
+template <int NV, int TW, typename scalar_t, typename acc_t>
+SM_ATTR inline void nchw_vblock(const scalar_t* __restrict x0, int64_t W, int64_t th, acc_t inv_nf,
+                                acc_t* __restrict tm, acc_t* __restrict tc, acc_t* __restrict tv) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  constexpr int GV = TW > L ? TW / L : 1;  // vectors per tile
+  constexpr int GL = TW > L ? L : TW;      // lanes per tile within one vector
+  static_assert(NV % GV == 0, "block must hold whole tiles");
+  V s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = vload<scalar_t, acc_t>(x0 + v * L);
+  for (int64_t r = 1; r < th; ++r)
+    for (int v = 0; v < NV; ++v) s[v] += vload<scalar_t, acc_t>(x0 + r * W + v * L);
+  V mb[NV];
+  for (int v = 0; v < NV; v += GV) {
+    V a = s[v];
+    for (int i = 1; i < GV; ++i) a += s[v + i];
+    a = group_sum<GL, acc_t>(a) * inv_nf;
+    for (int i = 0; i < GV; ++i) mb[v + i] = a;
+  }
+  V e1[NV], e2[NV];
+  for (int v = 0; v < NV; ++v) {
+    const V e = vload<scalar_t, acc_t>(x0 + v * L) - mb[v];
+    e1[v] = e;
+    e2[v] = e * e;
+  }
   for (int64_t r = 1; r < th; ++r) {
-    const scalar_t* __restrict xr = x0 + r * W;
-    for (int l = 0; l < BW; ++l) s[l] += static_cast<acc_t>(xr[l]);
-  }
-  acc_t mt[NT], mb[BW];
-  for (int t = 0; t < NT; ++t) {
-    acc_t a = 0;
-    for (int q = 0; q < TW; ++q) a += s[t * TW + q];
-    mt[t] = a * inv_nf;
-  }
-  for (int l = 0; l < BW; ++l) mb[l] = mt[l / TW];
-  acc_t e1[BW], e2[BW];
-  for (int l = 0; l < BW; ++l) {
-    const acc_t e = static_cast<acc_t>(x0[l]) - mb[l];
-    e1[l] = e;
-    e2[l] = e * e;
-  }
-  for (int64_t r = 1; r < th; ++r) {
-    const scalar_t* __restrict xr = x0 + r * W;
-    for (int l = 0; l < BW; ++l) {
-      const acc_t e = static_cast<acc_t>(xr[l]) - mb[l];
-      e1[l] += e;
-      e2[l] += e * e;
+    for (int v = 0; v < NV; ++v) {
+      const V e = vload<scalar_t, acc_t>(x0 + r * W + v * L) - mb[v];
+      e1[v] += e;
+      e2[v] += e * e;
     }
   }
-  for (int t = 0; t < NT; ++t) {
-    acc_t a = 0, b = 0;
-    for (int q = 0; q < TW; ++q) {
-      a += e1[t * TW + q];
-      b += e2[t * TW + q];
+  int t = 0;
+  for (int v = 0; v < NV; v += GV) {
+    V a = e1[v], b = e2[v];
+    for (int i = 1; i < GV; ++i) {
+      a += e1[v + i];
+      b += e2[v + i];
     }
-    const double se = a, see = b;
-    tmean[t] = double(mt[t]) + se / n;
-    tm2[t] = nonneg(see - se * se / n);
+    a = group_sum<GL, acc_t>(a);
+    b = group_sum<GL, acc_t>(b);
+    const V c = a * inv_nf;
+    const V m2 = b - a * c;
+    for (int q = 0; q < L; q += GL, ++t) {
+      tm[t] = mb[v][q];
+      tc[t] = c[q];
+      tv[t] = m2[q] < acc_t(0) ? acc_t(0) : m2[q];
+    }
   }
 }
 
-// One tile-row (th rows x W) with compile-time tile width TW: blocks of max(16, TW) columns, then
-// the remainder (a multiple of TW) in blocks of 8, 4, 2, 1.
+// One tile-row (th rows x W, W >= L) with compile-time tile width TW (power of 2 <= 32).
 template <int TW, typename scalar_t, typename acc_t>
-SM_ATTR void nchw_tilerow_fixed(const scalar_t* __restrict r0, int64_t W, int64_t th, acc_t inv_nf,
-                                double n, double* __restrict tmean, double* __restrict tm2) {
+SM_ATTR void nchw_tilerow_vec(const scalar_t* __restrict r0, int64_t W, int64_t th, acc_t inv_nf,
+                              acc_t* __restrict tm, acc_t* __restrict tc, acc_t* __restrict tv) {
+  constexpr int L = Vec<acc_t>::L;
   constexpr int BW = TW > 16 ? TW : 16;
-  int64_t w = 0, t = 0;
-  for (; w + BW <= W; w += BW, t += BW / TW)
-    nchw_block<BW, TW, scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
-  if (TW <= 8 && w + 8 <= W) {
-    nchw_block<8, (TW <= 8 ? TW : 8), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
-    w += 8;
-    t += 8 / TW;
+  constexpr int NV = BW / L;
+  int64_t w = 0;
+  for (; w + BW <= W; w += BW)
+    nchw_vblock<NV, TW, scalar_t, acc_t>(r0 + w, W, th, inv_nf, tm + w / TW, tc + w / TW, tv + w / TW);
+  if constexpr (TW > L) {  // remainder: whole tiles of TW / L vectors
+    constexpr int GV = TW > L ? TW / L : 1;
+    for (; w + TW <= W; w += TW)
+      nchw_vblock<GV, (TW > L ? TW : L), scalar_t, acc_t>(r0 + w, W, th, inv_nf, tm + w / TW,
+                                                           tc + w / TW, tv + w / TW);
+  } else {  // remainder: single vectors, the last one overlapping the previous block
+    constexpr int TL = TW > L ? L : TW;
+    constexpr int NT = L / TL;
+    while (w < W) {
+      const int64_t start = std::min<int64_t>(w, W - L);
+      acc_t bm[NT], bc[NT], bv[NT];
+      nchw_vblock<1, TL, scalar_t, acc_t>(r0 + start, W, th, inv_nf, bm, bc, bv);
+      for (int64_t t = (w - start) / TL; t < NT; ++t) {
+        tm[start / TL + t] = bm[t];
+        tc[start / TL + t] = bc[t];
+        tv[start / TL + t] = bv[t];
+      }
+      w = start + L;
+    }
   }
-  if (TW <= 4 && w + 4 <= W) {
-    nchw_block<4, (TW <= 4 ? TW : 4), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
-    w += 4;
-    t += 4 / TW;
-  }
-  if (TW <= 2 && w + 2 <= W) {
-    nchw_block<2, (TW <= 2 ? TW : 2), scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
-    w += 2;
-    t += 2 / TW;
-  }
-  if (TW <= 1 && w + 1 <= W)
-    nchw_block<1, 1, scalar_t, acc_t>(r0 + w, W, th, inv_nf, n, tmean + t, tm2 + t);
 }
 
-// Any tile width: column sums through W-entry scratch rows s1, s2, mrow.
+// Any tile width / narrow rows: column sums through W-entry scratch rows s1, s2, mrow.
 template <typename scalar_t, typename acc_t>
 SM_ATTR void nchw_tilerow_generic(const scalar_t* __restrict r0, int64_t W, int64_t th, int64_t tw,
-                                  acc_t inv_nf, double n, acc_t* __restrict s1, acc_t* __restrict s2,
-                                  acc_t* __restrict mrow, double* __restrict tmean,
-                                  double* __restrict tm2) {
+                                  acc_t inv_nf, acc_t* __restrict s1, acc_t* __restrict s2,
+                                  acc_t* __restrict mrow, acc_t* __restrict tm, acc_t* __restrict tc,
+                                  acc_t* __restrict tv) {
   const int64_t ntw = W / tw;
 #pragma omp simd
   for (int64_t w = 0; w < W; ++w) s1[w] = static_cast<acc_t>(r0[w]);
@@ -429,9 +494,10 @@ SM_ATTR void nchw_tilerow_generic(const scalar_t* __restrict r0, int64_t W, int6
       a += s1[j * tw + q];
       b += s2[j * tw + q];
     }
-    const double se = a, see = b;
-    tmean[j] = double(mrow[j * tw]) + se / n;
-    tm2[j] = nonneg(see - se * se / n);
+    const acc_t c = a * inv_nf, m2 = b - a * c;
+    tm[j] = mrow[j * tw];
+    tc[j] = c;
+    tv[j] = m2 < acc_t(0) ? acc_t(0) : m2;
   }
 }
 
@@ -481,6 +547,7 @@ SM_ATTR void plane_twopass(const scalar_t* __restrict x, int64_t n, double* mean
   *m2 = nonneg(see - se * se / dn);
 }
 
+
 template <typename scalar_t>
 SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
                           int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
@@ -496,9 +563,11 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
   const int64_t nth = H / p, ntw = W / p, T = nth * ntw;  // T == K
   const double tn = double(p * p);
   const acc_t inv_nf = acc_t(1) / acc_t(p * p);
+  const int64_t kPrefetchElems = 4096 / int64_t(sizeof(scalar_t));
+  const bool vec = W >= Vec<acc_t>::L && (p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32);
 #pragma omp parallel
   {
-    std::vector<acc_t> s1(W), s2(W), mrow(W);
+    std::vector<acc_t> s1(W), s2(W), mrow(W), tm(T), tc(T), tv(T);
     std::vector<double> tmean(T), tm2(T);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < G; ++g) {
@@ -507,24 +576,36 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
         const scalar_t* __restrict xp = x + u * HW;
         for (int64_t i = 0; i < nth; ++i) {
           const scalar_t* r0 = xp + i * p * W;
-          double* tmi = tmean.data() + i * ntw;
-          double* tvi = tm2.data() + i * ntw;
+          prefetch_range(r0 + kPrefetchElems, p * W * int64_t(sizeof(scalar_t)));
+          acc_t* a = tm.data() + i * ntw;
+          acc_t* b = tc.data() + i * ntw;
+          acc_t* c = tv.data() + i * ntw;
+          if (!vec) {
+            nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, s1.data(), s2.data(), mrow.data(),
+                                                  a, b, c);
+            continue;
+          }
           switch (p) {
-            case 1: nchw_tilerow_fixed<1, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
-            case 2: nchw_tilerow_fixed<2, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
-            case 4: nchw_tilerow_fixed<4, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
-            case 8: nchw_tilerow_fixed<8, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
-            case 16: nchw_tilerow_fixed<16, scalar_t, acc_t>(r0, W, p, inv_nf, tn, tmi, tvi); break;
-            default:
-              nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, tn, s1.data(), s2.data(),
-                                                    mrow.data(), tmi, tvi);
+            case 1: nchw_tilerow_vec<1, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+            case 2: nchw_tilerow_vec<2, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+            case 4: nchw_tilerow_vec<4, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+            case 8: nchw_tilerow_vec<8, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+            case 16: nchw_tilerow_vec<16, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+            default: nchw_tilerow_vec<32, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
           }
         }
         // plane = union of its T equal-count tiles
         double pm = 0.0;
-        for (int64_t t = 0; t < T; ++t) pm += tmean[t];
+#pragma omp simd reduction(+ : pm)
+        for (int64_t t = 0; t < T; ++t) {
+          const double m = double(tm[t]) + double(tc[t]);
+          tmean[t] = m;
+          tm2[t] = double(tv[t]);
+          pm += m;
+        }
         pm /= double(T);
         double m2 = 0.0, between = 0.0;
+#pragma omp simd reduction(+ : m2, between)
         for (int64_t t = 0; t < T; ++t) {
           const double d = tmean[t] - pm;
           m2 += tm2[t];

@@ -1,0 +1,547 @@
+// Kernel K3, CPU backend (OpenMP): G-VBSM Gram-eigen data densification loss and its gradient in one
+// call (DESIGN §4 K3).
+//
+//   X̂ = adaptive_avg_pool2d(images, pool x pool).flatten(1)                              [B, D]
+//   per class k: G_k = X̂_k X̂_kᵀ, (λ_k, V_k) = eigh(G_k)          (csrc/jacobi.h, float64)
+//   loss = Σ_k Σ_i p_i (log p_i − log q_i),  p = softmax(λ_k/τ) (stop-grad), q = softmax(λ_k)
+//   dλ = q − p,  dG = V diag(dλ) Vᵀ,  dX̂_k = 2 dG X̂_k,  dimages = pooling backward of dX̂.
+//
+// The loss is a scalar, so the gradient is computed in the same call (when asked for) and the
+// autograd backward only scales it by the incoming gradient: no eigenvectors or Gram matrices are
+// kept, and the images are read once for both directions.
+//
+// Phases (each an OpenMP loop; classes never go through a Python loop):
+//   0. classes: a stable counting of the labels (ascending label order, batch order within a class);
+//   1. pooling (skipped when H = W = pool: rows are read in place), rows in class order;
+//   2. Gram: work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
+//      (float inputs: fp32 FMAs over chunks of 64 elements, each chunk added in float64);
+//   3. per class (largest first, dynamic schedule): parallel-order Jacobi in float64 (jacobi.h),
+//      the class loss, and 2·dG (float64, stored in the input precision);
+//   4. dX̂ rows: work items = (class, block of 4 rows), written straight into dimages when no pooling;
+//   5. adaptive-pooling backward (gather per output bin), one image per work item.
+// Every sum runs in a fixed order: results do not depend on the number of threads.
+//
+// Ragged classes are exact (each class is its own n_k x n_k problem, no padding); a class of one
+// image contributes 0. NaN/Inf images (or a Gram matrix that overflows) raise ValueError before any
+// eigensolve; a class whose Jacobi iteration hits max_sweeps is reported in the status tensor.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define DDFAST_DENSIFY_X86 1
+#endif
+
+#include "jacobi.h"
+#include "parallel.h"
+
+namespace ddfast {
+namespace densify {
+
+constexpr int kRowBlock = 4;
+constexpr int64_t kGramChunk = 64;
+
+// ------------------------------------------------------------------------------------ ISA choice
+inline bool use_avx2() {
+#ifdef DDFAST_DENSIFY_X86
+  const char* env = std::getenv("DDFAST_DENSIFY_ISA");
+  if (env && std::string(env) == "base") return false;
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------------------ micro-kernels
+// Gram block: out[r * ldo + j] = <rows[r], rows[j]> for r < nr (the block's rows) and j < nj,
+// float64 accumulation. Generic version (any ISA, any scalar type).
+template <typename T>
+inline __attribute__((always_inline)) void gram_block_generic(const T* const* rows_blk, int nr, const T* const* rows,
+                                                              int nj, int64_t D, double* out, int ldo) {
+  for (int r = 0; r < nr; ++r) {
+    const T* a = rows_blk[r];
+    for (int j = 0; j < nj; ++j) {
+      const T* b = rows[j];
+      double total = 0.0;
+      for (int64_t d0 = 0; d0 < D; d0 += kGramChunk) {
+        const int64_t e = std::min(D, d0 + kGramChunk);
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = d0; d < e; ++d) acc += a[d] * b[d];
+        total += double(acc);
+      }
+      out[r * ldo + j] = total;
+    }
+  }
+}
+
+// dX̂ block: out[r][d] = Σ_j coef[r * ldc + j] * rows[j][d] for r < nr.
+template <typename T>
+inline __attribute__((always_inline)) void dx_block_generic(const T* coef, int ldc, int nr, const T* const* rows, int nj,
+                                                            int64_t D, T* const* out) {
+  constexpr int64_t kChunk = 256;
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    const int64_t e = std::min(D, d0 + kChunk);
+    for (int r = 0; r < nr; ++r) {
+      T acc[kChunk];
+      for (int64_t d = 0; d < e - d0; ++d) acc[d] = T(0);
+      for (int j = 0; j < nj; ++j) {
+        const T c = coef[r * ldc + j];
+        const T* x = rows[j] + d0;
+#pragma omp simd
+        for (int64_t d = 0; d < e - d0; ++d) acc[d] += c * x[d];
+      }
+      T* o = out[r] + d0;
+      for (int64_t d = 0; d < e - d0; ++d) o[d] = acc[d];
+    }
+  }
+}
+
+template <typename T>
+void gram_block_base(const T* const* rows_blk, int nr, const T* const* rows, int nj, int64_t D, double* out, int ldo) {
+  gram_block_generic(rows_blk, nr, rows, nj, D, out, ldo);
+}
+template <typename T>
+void dx_block_base(const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
+  dx_block_generic(coef, ldc, nr, rows, nj, D, out);
+}
+
+#ifdef DDFAST_DENSIFY_X86
+#define DDFAST_AVX2 __attribute__((target("avx2,fma")))
+
+template <typename T>
+DDFAST_AVX2 void gram_block_avx2(const T* const* rows_blk, int nr, const T* const* rows, int nj, int64_t D, double* out,
+                                 int ldo) {
+  gram_block_generic(rows_blk, nr, rows, nj, D, out, ldo);  // float64 data: auto-vectorized
+}
+
+DDFAST_AVX2 inline double hsum_pd(__m256d v) {
+  __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
+  lo = _mm_add_pd(lo, hi);
+  return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+}
+
+// float rows: 4 rows x 1 column per pass, 8-wide fp32 FMAs, flushed to float64 every 64 elements.
+template <>
+DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, const float* const* rows, int nj,
+                                        int64_t D, double* out, int ldo) {
+  const float* a[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) a[r] = rows_blk[r < nr ? r : nr - 1];
+  const int64_t D8 = D & ~int64_t(7);
+  for (int j = 0; j < nj; ++j) {
+    const float* b = rows[j];
+    __m256d tot[kRowBlock];
+    for (int r = 0; r < kRowBlock; ++r) tot[r] = _mm256_setzero_pd();
+    for (int64_t d0 = 0; d0 < D8; d0 += kGramChunk) {
+      const int64_t e = std::min(D8, d0 + kGramChunk);
+      __m256 acc[kRowBlock];
+      for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t d = d0; d < e; d += 8) {
+        const __m256 bv = _mm256_loadu_ps(b + d);
+        for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a[r] + d), bv, acc[r]);
+      }
+      for (int r = 0; r < kRowBlock; ++r) {
+        tot[r] = _mm256_add_pd(tot[r], _mm256_cvtps_pd(_mm256_castps256_ps128(acc[r])));
+        tot[r] = _mm256_add_pd(tot[r], _mm256_cvtps_pd(_mm256_extractf128_ps(acc[r], 1)));
+      }
+    }
+    for (int r = 0; r < nr; ++r) {
+      double s = hsum_pd(tot[r]);
+      for (int64_t d = D8; d < D; ++d) s += double(a[r][d]) * double(b[d]);
+      out[r * ldo + j] = s;
+    }
+  }
+}
+
+template <typename T>
+DDFAST_AVX2 void dx_block_avx2(const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
+  dx_block_generic(coef, ldc, nr, rows, nj, D, out);
+}
+
+// float: 4 output rows x 16 columns of accumulators, one broadcast per (row, j).
+template <>
+DDFAST_AVX2 void dx_block_avx2<float>(const float* coef, int ldc, int nr, const float* const* rows, int nj, int64_t D,
+                                      float* const* out) {
+  const int64_t D16 = D & ~int64_t(15);
+  const float* cf[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) cf[r] = coef + (r < nr ? r : nr - 1) * ldc;
+  for (int64_t d = 0; d < D16; d += 16) {
+    __m256 acc[kRowBlock][2];
+    for (int r = 0; r < kRowBlock; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int j = 0; j < nj; ++j) {
+      const __m256 x0 = _mm256_loadu_ps(rows[j] + d), x1 = _mm256_loadu_ps(rows[j] + d + 8);
+      for (int r = 0; r < kRowBlock; ++r) {
+        const __m256 c = _mm256_broadcast_ss(cf[r] + j);
+        acc[r][0] = _mm256_fmadd_ps(c, x0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(c, x1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < nr; ++r) {
+      _mm256_storeu_ps(out[r] + d, acc[r][0]);
+      _mm256_storeu_ps(out[r] + d + 8, acc[r][1]);
+    }
+  }
+  for (int64_t d = D16; d < D; ++d)
+    for (int r = 0; r < nr; ++r) {
+      float s = 0.f;
+      for (int j = 0; j < nj; ++j) s += cf[r][j] * rows[j][d];
+      out[r][d] = s;
+    }
+}
+#endif
+
+template <typename T>
+void gram_block(bool avx2, const T* const* rows_blk, int nr, const T* const* rows, int nj, int64_t D, double* out,
+                int ldo) {
+#ifdef DDFAST_DENSIFY_X86
+  if (avx2) return gram_block_avx2<T>(rows_blk, nr, rows, nj, D, out, ldo);
+#endif
+  (void)avx2;
+  gram_block_base<T>(rows_blk, nr, rows, nj, D, out, ldo);
+}
+
+template <typename T>
+void dx_block(bool avx2, const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
+#ifdef DDFAST_DENSIFY_X86
+  if (avx2) return dx_block_avx2<T>(coef, ldc, nr, rows, nj, D, out);
+#endif
+  (void)avx2;
+  dx_block_base<T>(coef, ldc, nr, rows, nj, D, out);
+}
+
+// ------------------------------------------------------------------------------ pooling
+// torch's adaptive pooling bins: [floor(i*in/out), ceil((i+1)*in/out)).
+inline int64_t bin_start(int64_t i, int64_t out, int64_t in) { return (i * in) / out; }
+inline int64_t bin_end(int64_t i, int64_t out, int64_t in) { return ((i + 1) * in + out - 1) / out; }
+
+template <typename T>
+void pool_image(const T* img, int64_t C, int64_t H, int64_t W, int64_t P, T* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* plane = img + c * H * W;
+    for (int64_t oh = 0; oh < P; ++oh) {
+      const int64_t h0 = bin_start(oh, P, H), h1 = bin_end(oh, P, H);
+      for (int64_t ow = 0; ow < P; ++ow) {
+        const int64_t w0 = bin_start(ow, P, W), w1 = bin_end(ow, P, W);
+        double s = 0.0;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = w0; w < w1; ++w) s += double(plane[h * W + w]);
+        out[(c * P + oh) * P + ow] = T(s / double((h1 - h0) * (w1 - w0)));
+      }
+    }
+  }
+}
+
+template <typename T>
+void pool_backward_image(const T* g, int64_t C, int64_t H, int64_t W, int64_t P, T* dimg) {
+  std::fill(dimg, dimg + C * H * W, T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    T* plane = dimg + c * H * W;
+    for (int64_t oh = 0; oh < P; ++oh) {
+      const int64_t h0 = bin_start(oh, P, H), h1 = bin_end(oh, P, H);
+      for (int64_t ow = 0; ow < P; ++ow) {
+        const int64_t w0 = bin_start(ow, P, W), w1 = bin_end(ow, P, W);
+        const T v = g[(c * P + oh) * P + ow] / T((h1 - h0) * (w1 - w0));
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = w0; w < w1; ++w) plane[h * W + w] += v;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ classes
+struct Layout {
+  std::vector<int64_t> order;    // [B] image indices grouped by class
+  std::vector<int64_t> offsets;  // [K + 1]
+  std::vector<int64_t> classes;  // [K] label values, ascending
+};
+
+inline Layout make_layout(const at::Tensor& labels) {
+  at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t B = lab.numel();
+  const int64_t* l = lab.data_ptr<int64_t>();
+  Layout out;
+  out.order.resize(B);
+  std::iota(out.order.begin(), out.order.end(), int64_t(0));
+  std::stable_sort(out.order.begin(), out.order.end(), [l](int64_t a, int64_t b) { return l[a] < l[b]; });
+  for (int64_t r = 0; r < B; ++r) {
+    const int64_t v = l[out.order[r]];
+    if (r == 0 || v != out.classes.back()) {
+      out.classes.push_back(v);
+      out.offsets.push_back(r);
+    }
+  }
+  out.offsets.push_back(B);
+  return out;
+}
+
+// ------------------------------------------------------------------------------ per-class solve
+struct ClassResult {
+  double loss = 0.0;
+  int status = 0;
+};
+
+// KL(sg(softmax(w/tau)) || softmax(w)) and dλ = softmax(w) − softmax(w/tau).
+inline double kl_and_grad(const double* w, int n, double tau, double* dlam) {
+  double m = w[0];
+  for (int i = 1; i < n; ++i) m = std::max(m, w[i]);
+  double s1 = 0.0, s2 = 0.0;
+  for (int i = 0; i < n; ++i) {
+    s1 += std::exp(w[i] - m);
+    s2 += std::exp((w[i] - m) / tau);
+  }
+  const double l1 = std::log(s1), l2 = std::log(s2);
+  double kl = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double log_q = (w[i] - m) - l1, log_p = (w[i] - m) / tau - l2;
+    const double p = std::exp(log_p);
+    kl += p * (log_p - log_q);
+    if (dlam) dlam[i] = std::exp(log_q) - p;
+  }
+  return kl;
+}
+
+template <typename T>
+ClassResult solve_class(const double* gram, int n, double tau, bool with_grad, int max_sweeps, T* coef) {
+  ClassResult res;
+  std::vector<double> a(size_t(n) * n), vt(size_t(n) * n), w(n), dlam(n), reals(jacobi::scratch_reals(n));
+  std::vector<int> ints(jacobi::scratch_ints(n));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j <= i; ++j) a[size_t(i) * n + j] = a[size_t(j) * n + i] = gram[size_t(i) * n + j];
+  res.status = jacobi::eigh_serial<double>(a.data(), n, n, vt.data(), n, w.data(), max_sweeps, jacobi::Traits<double>::eps,
+                                           ints.data(), reals.data());
+  if (res.status == jacobi::kNonFinite) return res;
+  res.loss = kl_and_grad(w.data(), n, tau, with_grad ? dlam.data() : nullptr);
+  if (!with_grad) return res;
+  // coef = 2 dG = 2 Σ_i dλ_i v_i v_iᵀ  (v_i = row i of vt)
+  std::vector<double> dg(size_t(n) * n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    const double* v = vt.data() + size_t(i) * n;
+    for (int r = 0; r < n; ++r) {
+      const double cr = 2.0 * dlam[i] * v[r];
+      double* row = dg.data() + size_t(r) * n;
+#pragma omp simd
+      for (int c = 0; c < n; ++c) row[c] += cr * v[c];
+    }
+  }
+  for (size_t i = 0; i < dg.size(); ++i) coef[i] = T(dg[i]);
+  return res;
+}
+
+// ------------------------------------------------------------------------------ driver
+template <typename T>
+std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
+                                         const Layout& layout, double tau, bool with_grad, int max_sweeps, T* dx) {
+  const int64_t K = int64_t(layout.classes.size());
+  const int64_t D = C * P * P;
+  const bool identity = (H == P && W == P);
+  const bool avx2 = use_avx2();
+  const std::vector<int64_t>& order = layout.order;
+  const std::vector<int64_t>& off = layout.offsets;
+
+  // 1. pooled rows in class order
+  std::vector<T> pooled;
+  std::vector<const T*> rows(B);
+  if (identity) {
+    for (int64_t r = 0; r < B; ++r) rows[r] = x + order[r] * D;
+  } else {
+    pooled.resize(size_t(B) * D);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < B; ++r) pool_image(x + order[r] * C * H * W, C, H, W, P, pooled.data() + r * D);
+    for (int64_t r = 0; r < B; ++r) rows[r] = pooled.data() + r * D;
+  }
+
+  // work items (class, first row of a block of kRowBlock rows)
+  std::vector<int64_t> gram_off(K + 1, 0);
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = off[k + 1] - off[k];
+    gram_off[k + 1] = gram_off[k] + n * n;
+    for (int64_t i0 = 0; i0 < n; i0 += kRowBlock) items.emplace_back(k, i0);
+  }
+  // largest first: blocks near the bottom of big classes cost the most
+  std::stable_sort(items.begin(), items.end(), [&](const auto& a, const auto& b) {
+    return a.second + (off[a.first + 1] - off[a.first]) > b.second + (off[b.first + 1] - off[b.first]);
+  });
+
+  // 2. Gram matrices (lower triangle incl. the diagonal block), float64
+  std::vector<double> gram(size_t(gram_off[K]));
+  const int64_t n_items = int64_t(items.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int64_t k = items[it].first, i0 = items[it].second;
+    const int64_t n = off[k + 1] - off[k];
+    const int nr = int(std::min<int64_t>(kRowBlock, n - i0));
+    const T* const* crow = rows.data() + off[k];
+    gram_block<T>(avx2, crow + i0, nr, crow, int(i0 + nr), D, gram.data() + gram_off[k] + i0 * n, int(n));
+  }
+
+  // 3. eigensolve + loss + 2 dG per class
+  std::vector<T> coef(with_grad ? size_t(gram_off[K]) : 0);
+  std::vector<ClassResult> results(K);
+  std::vector<int64_t> class_order(K);
+  std::iota(class_order.begin(), class_order.end(), int64_t(0));
+  std::stable_sort(class_order.begin(), class_order.end(),
+                   [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
+  bool finite = true;
+  for (int64_t k = 0; k < K && finite; ++k) {
+    const int64_t n = off[k + 1] - off[k];
+    for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(gram[gram_off[k] + i * n + i]);
+  }
+  if (!finite)
+    throw pybind11::value_error(
+        "densify_loss: images contain NaN or Inf (or are so large that a Gram matrix overflows)");
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t idx = 0; idx < K; ++idx) {
+    const int64_t k = class_order[idx];
+    const int n = int(off[k + 1] - off[k]);
+    results[k] = solve_class<T>(gram.data() + gram_off[k], n, tau, with_grad, max_sweeps,
+                                with_grad ? coef.data() + gram_off[k] : nullptr);
+  }
+  double loss = 0.0;
+  std::vector<int> status(K);
+  for (int64_t k = 0; k < K; ++k) {
+    if (results[k].status == jacobi::kNonFinite)
+      throw pybind11::value_error("densify_loss: a class Gram matrix is not finite (NaN/Inf images)");
+    loss += results[k].loss;
+    status[k] = results[k].status;
+  }
+  if (!with_grad) return {loss, status};
+
+  // 4. dX̂ = 2 dG X̂ per class (straight into dx when there is no pooling)
+  std::vector<T> dpooled(identity ? 0 : size_t(B) * D);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int64_t k = items[it].first, i0 = items[it].second;
+    const int64_t n = off[k + 1] - off[k];
+    const int nr = int(std::min<int64_t>(kRowBlock, n - i0));
+    T* out[kRowBlock];
+    for (int r = 0; r < nr; ++r) {
+      const int64_t row = off[k] + i0 + r;
+      out[r] = identity ? dx + order[row] * D : dpooled.data() + row * D;
+    }
+    dx_block<T>(avx2, coef.data() + gram_off[k] + i0 * n, int(n), nr, rows.data() + off[k], int(n), D, out);
+  }
+
+  // 5. pooling backward
+  if (!identity) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < B; ++r)
+      pool_backward_image(dpooled.data() + r * D, C, H, W, P, dx + order[r] * C * H * W);
+  }
+  return {loss, status};
+}
+
+}  // namespace densify
+
+// images [B, C, H, W] (float32/float64; float16/bfloat16 are computed in float32), labels [B] integer.
+// Returns (loss: 0-dim float32 (float64 for float64 images), dimages: d loss / d images (images' dtype,
+// contiguous NCHW; an empty tensor when with_grad is false), status: int32 [K] per class (ascending
+// labels): Jacobi sweeps used, or -1 when max_sweeps was reached without convergence).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor& images, const at::Tensor& labels,
+                                                               double tau, int64_t pool, bool with_grad,
+                                                               int64_t max_sweeps) {
+  TORCH_CHECK(images.device().is_cpu() && labels.device().is_cpu(), "densify_forward: CPU tensors expected");
+  if (images.dim() != 4 || !images.is_floating_point())
+    throw pybind11::value_error("densify_forward: images must be a floating [B, C, H, W] tensor");
+  if (labels.dim() != 1 || labels.numel() != images.size(0) || labels.is_floating_point())
+    throw pybind11::value_error("densify_forward: labels must be an integer tensor of shape [B]");
+  if (!(tau > 0.0)) throw pybind11::value_error("densify_forward: tau must be > 0");
+  if (pool < 1) throw pybind11::value_error("densify_forward: pool must be >= 1");
+  if (max_sweeps < 1) throw pybind11::value_error("densify_forward: max_sweeps must be >= 1");
+  const bool f64 = images.scalar_type() == at::kDouble;
+  const at::ScalarType compute = f64 ? at::kDouble : at::kFloat;
+  at::Tensor x = images.to(compute).contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  densify::Layout layout = densify::make_layout(labels);
+  for (int64_t k = 0; k + 1 < int64_t(layout.offsets.size()); ++k)
+    if (layout.offsets[k + 1] - layout.offsets[k] > 4096)
+      throw pybind11::value_error("densify_forward: a class has more than 4096 images in the batch");
+  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  if (with_grad && (H != pool || W != pool) && x.numel()) dx.zero_();
+  double loss = 0.0;
+  std::vector<int> status;
+  if (B > 0 && H > 0 && W > 0) {
+    if (f64) {
+      std::tie(loss, status) = densify::run<double>(x.data_ptr<double>(), B, C, H, W, pool, layout, tau, with_grad,
+                                                    int(max_sweeps), with_grad ? dx.data_ptr<double>() : nullptr);
+    } else {
+      std::tie(loss, status) = densify::run<float>(x.data_ptr<float>(), B, C, H, W, pool, layout, tau, with_grad,
+                                                   int(max_sweeps), with_grad ? dx.data_ptr<float>() : nullptr);
+    }
+  } else {
+    if (with_grad) dx.zero_();
+    status.assign(layout.classes.size(), 0);
+  }
+  at::Tensor st = at::empty({int64_t(status.size())}, at::kInt);
+  if (!status.empty()) std::memcpy(st.data_ptr<int>(), status.data(), status.size() * sizeof(int));
+  if (with_grad && dx.scalar_type() != images.scalar_type()) dx = dx.to(images.scalar_type());
+  return {at::scalar_tensor(loss, at::TensorOptions().dtype(compute)), dx, st};
+}
+
+// Batched symmetric eigendecomposition with the same Jacobi (csrc/jacobi.h) in the input's precision:
+// a [..., n, n] float32/float64 (the lower triangle is used, like torch.linalg.eigh) ->
+// (w [..., n] ascending, v [..., n, n] eigenvectors as columns, status int32 [...]: sweeps used,
+// -1 not converged, -2 non-finite input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh(const at::Tensor& a, int64_t max_sweeps, double rel_tol) {
+  TORCH_CHECK(a.device().is_cpu(), "jacobi_eigh: CPU tensor expected");
+  if (a.dim() < 2 || a.size(-1) != a.size(-2) || !(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble))
+    throw pybind11::value_error("jacobi_eigh: expected a float32/float64 tensor of shape [..., n, n]");
+  if (max_sweeps < 1) throw pybind11::value_error("jacobi_eigh: max_sweeps must be >= 1");
+  const int64_t n = a.size(-1);
+  auto batch_shape = a.sizes().vec();
+  batch_shape.resize(batch_shape.size() - 2);
+  at::Tensor in = a.contiguous().reshape({-1, n, n});
+  const int64_t m = in.size(0);
+  at::Tensor w = at::empty({m, n}, a.options());
+  at::Tensor vt = at::empty({m, n, n}, a.options());
+  at::Tensor st = at::empty({m}, at::kInt);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "jacobi_eigh", [&] {
+    using T = scalar_t;
+    const T tol = rel_tol > 0 ? T(rel_tol) : jacobi::Traits<T>::eps;
+    const T* src = in.data_ptr<T>();
+    T* wp = w.data_ptr<T>();
+    T* vp = vt.data_ptr<T>();
+    int* sp = st.data_ptr<int>();
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < m; ++b) {
+      std::vector<T> work(size_t(n) * n), reals(jacobi::scratch_reals(int(n)));
+      std::vector<int> ints(jacobi::scratch_ints(int(n)));
+      const T* s = src + b * n * n;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j <= i; ++j) work[i * n + j] = work[j * n + i] = s[i * n + j];
+      sp[b] = jacobi::eigh_serial<T>(work.data(), int(n), int(n), vp + b * n * n, int(n), wp + b * n, int(max_sweeps),
+                                     tol, ints.data(), reals.data());
+    }
+  });
+  batch_shape.push_back(n);
+  at::Tensor w_out = w.reshape(batch_shape);
+  batch_shape.push_back(n);
+  at::Tensor v_out = vt.transpose(1, 2).contiguous().reshape(batch_shape);
+  batch_shape.resize(batch_shape.size() - 2);
+  return {w_out, v_out, st.reshape(batch_shape)};
+}
+
+}  // namespace ddfast
+
+// Registered from csrc/bindings.cpp (one line there).
+void ddfast_register_densify(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("densify_forward", &ddfast::densify_forward, py::arg("images"), py::arg("labels"), py::arg("tau"),
+        py::arg("pool"), py::arg("with_grad"), py::arg("max_sweeps") = ddfast::jacobi::kDefaultMaxSweeps,
+        "K3 data densification: (loss, dimages, status[K]) for images [B,C,H,W] and labels [B]; "
+        "status = Jacobi sweeps per class (ascending labels), -1 = not converged");
+  m.def("jacobi_eigh", &ddfast::jacobi_eigh, py::arg("a"), py::arg("max_sweeps") = ddfast::jacobi::kDefaultMaxSweeps,
+        py::arg("rel_tol") = 0.0,
+        "Batched parallel-order Jacobi eigh (csrc/jacobi.h): (w ascending, v columns, status) of a [..., n, n]");
+}
