@@ -21,7 +21,7 @@ from ddfast import __version__, backend, data, io
 from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.utils import atomic_write_text, seed_everything
 
-METHODS = {"random": "ddfast.methods.random"}
+METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm"}
 
 
 def _method(name: str) -> Any:
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
     evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
     add_protocol_arguments(evaluation, prefix="eval-")
-    for name in sorted(METHODS):
-        _method(name).add_arguments(parser.add_argument_group(f"--method {name}"))
+    for module in dict.fromkeys(METHODS.values()):  # gvbsm and sre2l share one module and its options
+        names = "/".join(n for n, m in METHODS.items() if m == module)
+        importlib.import_module(module).add_arguments(parser.add_argument_group(f"--method {names}"))
     return parser
 
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     validate(args)
     dataset = data.load(args.dataset, args.data_dir)
     out = Path(args.out or f"runs/{args.method}-{dataset.name}-ipc{args.ipc}-s{args.seed}")
+    args.out_dir = str(out)
     seed_everything(args.seed)
     start = time.time()
     with backend.use_backend(args.backend):

@@ -11,7 +11,7 @@ from ddfast.methods import DistillResult
 NAME = "random"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse._ArgumentGroup) -> None:
     """The random baseline has no options of its own."""
 
 

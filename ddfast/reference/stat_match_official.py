@@ -34,6 +34,9 @@ class OfficialBNHook:
             module.running_var.data - (self.total_var + var - var.detach()), 2
         )
 
+    def reset(self) -> None:
+        self.total_mean, self.total_var = 0.0, 0.0
+
     def remove(self) -> None:
         self.hook.remove()
 
@@ -70,6 +73,9 @@ class OfficialConvHook:
             self.totals[i] = self.momentum * self.totals[i] + (1 - self.momentum) * stat.detach()
             loss = loss + torch.norm(self.targets[i] - (self.totals[i] + stat - stat.detach()), 2)
         self.r_feature = loss
+
+    def reset(self) -> None:
+        self.totals = [0.0, 0.0, 0.0, 0.0]
 
     def remove(self) -> None:
         self.hook.remove()

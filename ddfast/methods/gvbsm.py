@@ -1,0 +1,396 @@
+"""G-VBSM (and SRe2L): squeeze -> statistics -> recover -> relabel (DESIGN §6).
+
+* squeeze: a backbone pool trained with ``ddfast.train.get_teacher`` (cached);
+* statistics: global conv-input statistics per backbone (``StatMatcher.collect_conv_stats``, cached);
+* recover: class-major batches from randn, one crop/flip/roll draw per iteration, one backbone per
+  iteration round-robin, loss = CE + dd_weight·DD + r·Σ rescale·(EMA-SDS statistic matching), Adam
+  with the official betas and a cosine schedule, clamped to the valid pixel range;
+* relabel: ensemble-mean backbone logits as soft labels.
+
+``--segment N`` runs the exact two-pass scheme of DESIGN §5; ``--backend reference`` runs the
+same method through the official-style hooks and the official densification loop.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddfast import backend, data, models
+from ddfast.methods import DistillResult
+from ddfast.ops import densify_loss
+from ddfast.reference.densify_official import densify_loss_official
+from ddfast.reference.stat_match_official import OfficialBNHook, OfficialConvHook, official_loss
+from ddfast.stat_matcher import StatMatcher, model_key
+from ddfast.train import get_teacher
+from ddfast.utils import atomic_torch_save, cache_dir, progress
+
+NAMES = ("gvbsm", "sre2l")
+
+# Backbone pools: name -> width. "default" is sized for 2 CPU cores (~10 min with teacher training);
+# "paper" is the G-VBSM small-dataset pool at its standard widths.
+POOLS = {
+    "gvbsm": {
+        "default": {"convnet": 32, "resnet18": 16, "mobilenetv2": 16, "wrn-16-2": 8, "shufflenetv2": 24},
+        "paper": {"convnet": 128, "resnet18": 64, "mobilenetv2": 16, "wrn-16-2": 16, "shufflenetv2": 48},
+    },
+    "sre2l": {"default": {"resnet18": 16}, "paper": {"resnet18": 64}},
+}
+PRESETS = {
+    # iterations, batch size, teacher epochs
+    "default": {"iterations": 100, "batch_size": 100, "teacher_epochs": 1},
+    "paper": {"iterations": 1000, "batch_size": 100, "teacher_epochs": 5},
+}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                       help="default: CPU-sized pool, 100 iterations, 1 teacher epoch; paper: the paper's pool widths, "
+                       "1000 iterations (official argparse default), 5 teacher epochs (hours on a CPU)")
+    group.add_argument("--iterations", type=int, default=None, help="recover iterations per batch (default from --preset)")
+    group.add_argument("--batch-size", type=int, default=None, help="synthetic images per recover batch (default from --preset)")
+    group.add_argument("--backbones", default=None, help="comma-separated backbone pool, name or name:width (default from --preset)")
+    group.add_argument("--teacher-epochs", type=int, default=None, help="epochs to train each backbone (default from --preset; cached)")
+    group.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the images (0.05 small datasets, 0.1 ImageNet)")
+    group.add_argument("--betas", default="0.5,0.9", help="Adam betas (official: 0.5,0.9)")
+    group.add_argument("--jitter", type=int, default=4, help="max torch.roll shift in pixels (4 as SRe2L CIFAR)")
+    group.add_argument("--alpha", type=float, default=None, help="EMA factor of the SDS matching (gvbsm 0.8, sre2l 0)")
+    group.add_argument("--drop-rate", type=float, default=None, help="conv matching drop rate (gvbsm 0.4, sre2l 0)")
+    group.add_argument("--r-weight", type=float, default=0.01, help="weight r of the statistic matching loss (0.01)")
+    group.add_argument("--first-multiplier", type=float, default=10.0, help="weight of the first BN and first conv layer (10)")
+    group.add_argument("--dd-weight", type=float, default=None, help="weight of data densification (gvbsm 1.0, sre2l 0)")
+    group.add_argument("--tau", type=float, default=4.0, help="densification temperature τ (4)")
+    group.add_argument("--patch-size", type=int, default=4, help="patch size of the conv patch statistics (4; 16 for ImageNet)")
+    group.add_argument("--stats", choices=("exact", "compat"), default="exact",
+                       help="global conv statistics: exact float64 dataset moments, or compat = official per-batch variance averaging")
+    group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
+
+
+@dataclasses.dataclass
+class Config:
+    method: str
+    ipc: int
+    iterations: int
+    batch_size: int
+    backbones: dict[str, int]
+    teacher_epochs: int
+    lr: float
+    betas: tuple[float, float]
+    jitter: int
+    alpha: float
+    drop_rate: float
+    r_weight: float
+    first_multiplier: float
+    dd_weight: float
+    tau: float
+    patch_size: int
+    stats: str
+    logit_norm: bool
+    segment: int
+    reference: bool
+    seed: int
+
+
+def _parse_backbones(spec: str) -> dict[str, int]:
+    pool: dict[str, int] = {}
+    for item in spec.split(","):
+        name, _, width = item.strip().partition(":")
+        pool[name] = int(width) if width else None
+    return pool
+
+
+def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
+    """Fill preset/method defaults and reject bad arguments before any work starts."""
+    preset = PRESETS[args.preset]
+    method = args.method
+    backbones = _parse_backbones(args.backbones) if args.backbones else dict(POOLS[method][args.preset])
+    for name in backbones:
+        models.create(name, 1, 2, 32, width=8)  # raises "unknown model" early
+    betas = tuple(float(b) for b in args.betas.split(","))
+    config = Config(
+        method=method,
+        ipc=args.ipc,
+        iterations=preset["iterations"] if args.iterations is None else args.iterations,
+        batch_size=preset["batch_size"] if args.batch_size is None else args.batch_size,
+        backbones=backbones,
+        teacher_epochs=preset["teacher_epochs"] if args.teacher_epochs is None else args.teacher_epochs,
+        lr=args.lr,
+        betas=betas,
+        jitter=args.jitter,
+        alpha=args.alpha if args.alpha is not None else (0.8 if method == "gvbsm" else 0.0),
+        drop_rate=args.drop_rate if args.drop_rate is not None else (0.4 if method == "gvbsm" else 0.0),
+        r_weight=args.r_weight,
+        first_multiplier=args.first_multiplier,
+        dd_weight=args.dd_weight if args.dd_weight is not None else (1.0 if method == "gvbsm" else 0.0),
+        tau=args.tau,
+        patch_size=args.patch_size,
+        stats=args.stats,
+        logit_norm=args.logit_norm,
+        segment=args.segment,
+        reference=args.backend == "reference",
+        seed=args.seed,
+    )
+    if config.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {config.iterations}")
+    if len(betas) != 2:
+        raise ValueError(f"--betas needs two numbers, got {args.betas!r}")
+    if config.teacher_epochs < 1:
+        raise ValueError(f"--teacher-epochs must be >= 1, got {config.teacher_epochs}")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.batch_size < config.ipc * num_classes and config.batch_size % config.ipc:
+        raise ValueError(
+            f"--batch-size {config.batch_size} must be a multiple of --ipc {config.ipc}: the reorder loop puts all IPC "
+            f"images of a class in one batch (or use a batch of at least {config.ipc * num_classes})"
+        )
+    if config.method == "sre2l" and any(
+        not any(isinstance(m, nn.BatchNorm2d) for m in models.create(n, 1, 2, 32, width=8).modules()) for n in backbones
+    ):
+        raise ValueError("sre2l matches BatchNorm statistics: every backbone needs BatchNorm layers (convnet has none)")
+    if config.reference and config.segment:
+        raise ValueError("--segment needs the fused statistic ops; the official-style --backend reference has no segment mode")
+    return config
+
+
+# ----------------------------------------------------------------------------- squeeze + statistics
+
+
+@dataclasses.dataclass
+class Backbone:
+    name: str
+    model: nn.Module
+    matcher: StatMatcher | None
+    official_bn: list[OfficialBNHook]
+    official_conv: list[OfficialConvHook]
+
+
+def _conv_stats(model: nn.Module, matcher: StatMatcher, dataset: data.Dataset, config: Config) -> None:
+    path = cache_dir() / "stats" / dataset.name / f"{model.ddfast_name}-{model_key(model)}-p{config.patch_size}-{config.stats}.pt"
+    if path.is_file():
+        matcher.load_conv_stats(path)
+        return
+    images = dataset.normalize(dataset.train_images)
+    batches = progress([images[i : i + 500] for i in range(0, len(images), 500)], desc=f"statistics {model.ddfast_name}")
+    matcher.collect_conv_stats(batches, exact=config.stats == "exact")
+    matcher.save_conv_stats(path)
+
+
+def build_backbones(dataset: data.Dataset, config: Config) -> list[Backbone]:
+    pool = []
+    for name, width in config.backbones.items():
+        model, acc = get_teacher(dataset, name, width, config.teacher_epochs, seed=0)
+        print(f"backbone {name} (width {width or 'default'}): test accuracy {acc:.2f}%")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        match_conv = config.method == "gvbsm"
+        matcher = StatMatcher(
+            model, patch_size=config.patch_size, alpha=config.alpha, drop_rate=config.drop_rate,
+            first_multiplier=config.first_multiplier, match_bn=has_bn, match_conv=match_conv,
+        )
+        if match_conv:
+            _conv_stats(model, matcher, dataset, config)
+        official_bn, official_conv = [], []
+        if config.reference:  # the official-style hooks replace the fused matcher
+            official_bn = [OfficialBNHook(m, config.alpha) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+            if match_conv:
+                official_conv = [
+                    OfficialConvHook(m, tuple(matcher.conv_targets[n]), config.patch_size, config.alpha)
+                    for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+                ]
+            matcher.remove()
+            matcher = None
+        pool.append(Backbone(name, model, matcher, official_bn, official_conv))
+    return pool
+
+
+# ----------------------------------------------------------------------------- recover
+
+
+@dataclasses.dataclass(frozen=True)
+class Jitter:
+    """One augmentation draw for the whole batch: RandomCrop(pad 4) + flip, then torch.roll."""
+
+    top: int
+    left: int
+    flip: bool
+    roll_y: int
+    roll_x: int
+
+    @staticmethod
+    def draw(gen: torch.Generator, jitter: int, pad: int = 4) -> Jitter:
+        r = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
+        return Jitter(r(2 * pad + 1), r(2 * pad + 1), bool(r(2)), r(jitter + 1), r(jitter + 1))
+
+    def __call__(self, x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (pad, pad, pad, pad))[..., self.top : self.top + h, self.left : self.left + w]
+        if self.flip:
+            x = x.flip(3)
+        return torch.roll(x, shifts=(self.roll_y, self.roll_x), dims=(2, 3))
+
+
+def class_batches(num_classes: int, ipc: int, batch_size: int) -> list[list[int]]:
+    """Reorder loop: each batch holds whole classes (all IPC images of each)."""
+    per_batch = max(1, batch_size // ipc)
+    return [list(range(k, min(k + per_batch, num_classes))) for k in range(0, num_classes, per_batch)]
+
+
+def _dd_loss(x: torch.Tensor, y: torch.Tensor, config: Config) -> torch.Tensor:
+    if config.dd_weight == 0:
+        return x.new_zeros(())
+    fn = densify_loss_official if config.reference else densify_loss
+    return fn(x, y, tau=config.tau, pool=32)
+
+
+def _step_full(bb: Backbone, xa: torch.Tensor, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
+    t0 = time.perf_counter()
+    if bb.matcher is not None:
+        bb.matcher.mode = "full"
+    logits = bb.model(xa)
+    t1 = time.perf_counter()
+    if bb.matcher is not None:
+        stat = bb.matcher.loss()
+    else:
+        stat = official_loss(bb.official_bn, bb.official_conv, config.first_multiplier)
+    t2 = time.perf_counter()
+    dd = _dd_loss(xa, y, config)
+    t3 = time.perf_counter()
+    loss = F.cross_entropy(logits, y) + config.dd_weight * dd + config.r_weight * stat
+    loss.backward()
+    t4 = time.perf_counter()
+    timing["network"] += (t1 - t0) + (t4 - t3)  # backward mixes network and statistic kernels
+    timing["statistics"] += t2 - t1
+    timing["densify"] += t3 - t2
+    return float(loss.detach())
+
+
+def _step_segments(bb: Backbone, x: torch.Tensor, aug: Jitter, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
+    """Exact two-pass segment step (DESIGN §5): gradients equal the full-batch step's."""
+    t0 = time.perf_counter()
+    matcher = bb.matcher
+    with torch.no_grad():
+        xa_detached = aug(x.detach())
+    with matcher.accumulating():
+        for part in xa_detached.split(config.segment):
+            bb.model(part)
+    stat_value = matcher.finish_accumulation()
+    t1 = time.perf_counter()
+    xa = aug(x)
+    dd = _dd_loss(xa, y, config)
+    (config.dd_weight * dd).backward() if dd.requires_grad else None
+    t2 = time.perf_counter()
+    ce_total = 0.0
+    n = x.shape[0]
+    with matcher.injecting():
+        for xs, ys in zip(x.split(config.segment), y.split(config.segment)):
+            logits = bb.model(aug(xs))
+            ce = F.cross_entropy(logits, ys, reduction="sum") / n
+            (ce + config.r_weight * matcher.surrogate_loss()).backward()
+            ce_total += float(ce.detach())
+    t3 = time.perf_counter()
+    timing["statistics"] += t1 - t0
+    timing["densify"] += t2 - t1
+    timing["network"] += t3 - t2
+    return ce_total + config.dd_weight * float(dd.detach()) + config.r_weight * float(stat_value)
+
+
+def recover_batch(
+    pool: list[Backbone], labels: torch.Tensor, shape: tuple[int, ...], lo: torch.Tensor, hi: torch.Tensor,
+    config: Config, batch_index: int, timing: dict[str, float], desc: str,
+) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+    x = torch.randn(len(labels), *shape, generator=gen).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+    for bb in pool:
+        if bb.matcher is not None:
+            bb.matcher.reset()
+        for hook in bb.official_bn + bb.official_conv:
+            hook.reset()
+    bar = progress(range(config.iterations), desc=desc)
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * config.lr * (1 + math.cos(math.pi * it / config.iterations))
+        bb = pool[it % len(pool)]
+        aug = Jitter.draw(gen, config.jitter)
+        if bb.matcher is not None:
+            bb.matcher.draw(gen)
+        else:
+            dropped = torch.rand(len(bb.official_conv), generator=gen) < config.drop_rate
+            for hook, drop in zip(bb.official_conv, dropped.tolist()):
+                hook.dropped = drop
+        optimizer.zero_grad(set_to_none=True)
+        if config.segment and config.segment < len(labels):
+            loss = _step_segments(bb, x, aug, labels, config, timing)
+        else:
+            loss = _step_full(bb, aug(x), labels, config, timing)
+        optimizer.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+        bar.set_postfix(loss=f"{loss:.3f}", backbone=bb.name)
+    return x.detach()
+
+
+# ----------------------------------------------------------------------------- relabel + driver
+
+
+@torch.no_grad()
+def relabel(pool: list[Backbone], images: torch.Tensor, logit_norm: bool) -> torch.Tensor:
+    """Ensemble-mean logits of the backbone pool (optionally per-sample normalised first)."""
+    outs = []
+    for bb in pool:
+        if bb.matcher is not None:
+            bb.matcher.mode = "off"
+        logits = torch.cat([bb.model(images[i : i + 500]) for i in range(0, len(images), 500)])
+        if logit_norm:
+            logits = (logits - logits.mean(1, keepdim=True)) / logits.std(1, keepdim=True).clamp_min(1e-6)
+        outs.append(logits)
+    return torch.stack(outs).mean(0)
+
+
+def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
+    config = resolve_config(args, dataset.num_classes)
+    out = Path(args.out_dir)
+    # Statistics collection is preprocessing (cached): it always uses the fused ops.
+    with backend.use_backend(None if config.reference else args.backend):
+        pool = build_backbones(dataset, config)
+    with backend.use_backend("reference" if config.reference else args.backend):
+        mean = torch.tensor(dataset.mean).view(-1, 1, 1)
+        std = torch.tensor(dataset.std).view(-1, 1, 1)
+        lo, hi = (0 - mean) / std, (1 - mean) / std
+        shape = (dataset.channels, *dataset.image_size)
+        batches = class_batches(dataset.num_classes, config.ipc, config.batch_size)
+        timing = {"network": 0.0, "statistics": 0.0, "densify": 0.0}
+        images, labels = [], []
+        iterations_run, start = 0, time.time()
+        for b, classes in enumerate(batches):
+            y = torch.tensor(classes).repeat_interleave(config.ipc)
+            ckpt = out / "checkpoint" / f"batch{b:04d}.pt"
+            if ckpt.is_file():  # finished by an earlier, interrupted run with the same arguments
+                blob = torch.load(ckpt, weights_only=True)
+                if blob["config"] != dataclasses.asdict(config):
+                    raise ValueError(f"{ckpt} was written with different arguments; remove {ckpt.parent} or change --out")
+                x = blob["images"]
+            else:
+                x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}")
+                atomic_torch_save({"images": x, "config": dataclasses.asdict(config)}, ckpt)
+                iterations_run += config.iterations
+            images.append(x)
+            labels.append(y)
+        recover_seconds = time.time() - start
+        images_t, labels_t = torch.cat(images), torch.cat(labels)
+        soft = relabel(pool, images_t, config.logit_norm)
+    stats: dict[str, Any] = {
+        "seconds_per_iteration": recover_seconds / iterations_run if iterations_run else None,
+        "recover_seconds": recover_seconds,
+        "time_split_seconds": timing,
+        "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+    }
+    return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats)
