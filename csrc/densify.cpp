@@ -10,16 +10,18 @@
 // autograd backward only scales it by the incoming gradient: no eigenvectors or Gram matrices are
 // kept, and the images are read once for both directions.
 //
-// Phases (each an OpenMP loop; classes never go through a Python loop):
-//   0. classes: a stable counting of the labels (ascending label order, batch order within a class);
-//   1. pooling (skipped when H = W = pool: rows are read in place), rows in class order;
+// Phases (each an OpenMP loop over work items of all classes; no loop over classes in Python):
+//   0. classes: a stable sort of the labels (ascending label order, batch order within a class);
+//   1. pooling (skipped when H = W = pool: rows are read in place), separable bin sums;
 //   2. Gram: work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
-//      (float inputs: fp32 FMAs over chunks of 64 elements, each chunk added in float64);
-//   3. per class (largest first, dynamic schedule): parallel-order Jacobi in float64 (jacobi.h),
-//      the class loss, and 2·dG (float64, stored in the input precision);
+//      (float inputs: 8-wide fp32 FMAs over chunks of 64 elements, each chunk added in float64);
+//   3. per class (largest first, dynamic schedule): one-sided parallel-order Jacobi in float64
+//      (csrc/jacobi.h, AVX2 copy when the CPU has it), the class loss, and 2·dG;
 //   4. dX̂ rows: work items = (class, block of 4 rows), written straight into dimages when no pooling;
-//   5. adaptive-pooling backward (gather per output bin), one image per work item.
-// Every sum runs in a fixed order: results do not depend on the number of threads.
+//   5. adaptive-pooling backward (separable; integer factors write each pixel once), per image.
+// Every sum runs in a fixed order: results do not depend on the number of threads. A phase uses
+// several threads only when its work is large (kParallelWork). DDFAST_DENSIFY_PROFILE=1 prints the
+// time of each phase to stderr; DDFAST_DENSIFY_ISA=base disables the AVX2 kernels.
 //
 // Ragged classes are exact (each class is its own n_k x n_k problem, no padding); a class of one
 // image contributes 0. NaN/Inf images (or a Gram matrix that overflows) raise ValueError before any
@@ -31,24 +33,44 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#include <chrono>
+#include <cstdio>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define DDFAST_DENSIFY_X86 1
 #endif
 
-#include "jacobi.h"
+#include "jacobi.h"  // ddfast::jacobi: baseline ISA
 #include "parallel.h"
+
+#ifdef DDFAST_DENSIFY_X86
+// The same Jacobi algorithm compiled a second time for AVX2 + FMA (ddfast::jacobi_avx2), picked at
+// run time when the CPU has it (DDFAST_DENSIFY_ISA=base forces the baseline copy).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#undef DDFAST_JACOBI_H_
+#undef DDFAST_JACOBI_NS
+#define DDFAST_JACOBI_NS jacobi_avx2
+#include "jacobi.h"  // NOLINT(build/include): second copy, AVX2
+#pragma GCC pop_options
+#endif
 
 namespace ddfast {
 namespace densify {
 
 constexpr int kRowBlock = 4;
+// A phase runs on all OpenMP threads only above this many multiply-adds (~25 ms on one core). Below
+// it one thread is faster where it matters here: every parallel region ends in a join, and on a busy
+// machine (2 shared cores with a background job) the join waits for a descheduled thread for a whole
+// scheduler time slice (measured: ~12 ms per region, against 0.5-10 ms of work per phase).
+constexpr double kParallelWork = 1e8;
 constexpr int64_t kGramChunk = 64;
 
 // ------------------------------------------------------------------------------------ ISA choice
@@ -225,35 +247,112 @@ void dx_block(bool avx2, const T* coef, int ldc, int nr, const T* const* rows, i
 inline int64_t bin_start(int64_t i, int64_t out, int64_t in) { return (i * in) / out; }
 inline int64_t bin_end(int64_t i, int64_t out, int64_t in) { return ((i + 1) * in + out - 1) / out; }
 
+// Bin bounds along one axis, computed once per call.
+struct Bins {
+  std::vector<int64_t> lo, hi;
+  Bins(int64_t out, int64_t in) : lo(out), hi(out) {
+    for (int64_t i = 0; i < out; ++i) {
+      lo[i] = bin_start(i, out, in);
+      hi[i] = bin_end(i, out, in);
+    }
+  }
+};
+
+// Separable: sum the bin's input rows (contiguous, vectorized), then the columns of each bin.
+// Integer factors (H = kh·P, W = kw·P: disjoint kh x kw bins) take a fast path in the input precision.
 template <typename T>
-void pool_image(const T* img, int64_t C, int64_t H, int64_t W, int64_t P, T* out) {
+void pool_image(const T* img, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh, const Bins& bw, T* out) {
+  if (H % P == 0 && W % P == 0) {
+    const int64_t kh = H / P, kw = W / P;
+    const T scale = T(1) / T(kh * kw);
+    std::vector<T> row(W);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* plane = img + c * H * W;
+      for (int64_t oh = 0; oh < P; ++oh) {
+        const T* src = plane + oh * kh * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) row[w] = src[w];
+        for (int64_t r = 1; r < kh; ++r) {
+          const T* s2 = src + r * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) row[w] += s2[w];
+        }
+        T* dst = out + (c * P + oh) * P;
+        if (kw == 2) {
+#pragma omp simd
+          for (int64_t ow = 0; ow < P; ++ow) dst[ow] = (row[2 * ow] + row[2 * ow + 1]) * scale;
+        } else {
+          for (int64_t ow = 0; ow < P; ++ow) {
+            T acc = T(0);
+            for (int64_t j = 0; j < kw; ++j) acc += row[ow * kw + j];
+            dst[ow] = acc * scale;
+          }
+        }
+      }
+    }
+    return;
+  }
+  std::vector<double> row(W);
   for (int64_t c = 0; c < C; ++c) {
     const T* plane = img + c * H * W;
     for (int64_t oh = 0; oh < P; ++oh) {
-      const int64_t h0 = bin_start(oh, P, H), h1 = bin_end(oh, P, H);
+      std::fill(row.begin(), row.end(), 0.0);
+      for (int64_t h = bh.lo[oh]; h < bh.hi[oh]; ++h) {
+        const T* src = plane + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) row[w] += double(src[w]);
+      }
+      const double rh = 1.0 / double(bh.hi[oh] - bh.lo[oh]);
+      T* dst = out + (c * P + oh) * P;
       for (int64_t ow = 0; ow < P; ++ow) {
-        const int64_t w0 = bin_start(ow, P, W), w1 = bin_end(ow, P, W);
-        double s = 0.0;
-        for (int64_t h = h0; h < h1; ++h)
-          for (int64_t w = w0; w < w1; ++w) s += double(plane[h * W + w]);
-        out[(c * P + oh) * P + ow] = T(s / double((h1 - h0) * (w1 - w0)));
+        double sum = 0.0;
+        for (int64_t w = bw.lo[ow]; w < bw.hi[ow]; ++w) sum += row[w];
+        dst[ow] = T(sum * rh / double(bw.hi[ow] - bw.lo[ow]));
       }
     }
   }
 }
 
+// dimg[h][w] = Σ over the bins (oh, ow) containing (h, w) of g[oh][ow] / (|bin_h(oh)| |bin_w(ow)|).
+// Writes every pixel of the image (no zero-filled output needed).
 template <typename T>
-void pool_backward_image(const T* g, int64_t C, int64_t H, int64_t W, int64_t P, T* dimg) {
+void pool_backward_image(const T* g, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh, const Bins& bw,
+                         T* dimg) {
+  std::vector<T> row(W);
+  if (H % P == 0 && W % P == 0) {  // disjoint bins: every pixel gets exactly one value
+    const int64_t kh = H / P, kw = W / P;
+    const T scale = T(1) / T(kh * kw);
+    for (int64_t c = 0; c < C; ++c) {
+      T* plane = dimg + c * H * W;
+      for (int64_t oh = 0; oh < P; ++oh) {
+        const T* src = g + (c * P + oh) * P;
+        if (kw == 2) {
+#pragma omp simd
+          for (int64_t ow = 0; ow < P; ++ow) row[2 * ow] = row[2 * ow + 1] = src[ow] * scale;
+        } else {
+          for (int64_t ow = 0; ow < P; ++ow)
+            for (int64_t j = 0; j < kw; ++j) row[ow * kw + j] = src[ow] * scale;
+        }
+        for (int64_t r = 0; r < kh; ++r) std::memcpy(plane + (oh * kh + r) * W, row.data(), W * sizeof(T));
+      }
+    }
+    return;
+  }
   std::fill(dimg, dimg + C * H * W, T(0));
   for (int64_t c = 0; c < C; ++c) {
     T* plane = dimg + c * H * W;
     for (int64_t oh = 0; oh < P; ++oh) {
-      const int64_t h0 = bin_start(oh, P, H), h1 = bin_end(oh, P, H);
+      std::fill(row.begin(), row.end(), T(0));
+      const T* src = g + (c * P + oh) * P;
       for (int64_t ow = 0; ow < P; ++ow) {
-        const int64_t w0 = bin_start(ow, P, W), w1 = bin_end(ow, P, W);
-        const T v = g[(c * P + oh) * P + ow] / T((h1 - h0) * (w1 - w0));
-        for (int64_t h = h0; h < h1; ++h)
-          for (int64_t w = w0; w < w1; ++w) plane[h * W + w] += v;
+        const T v = src[ow] / T(bw.hi[ow] - bw.lo[ow]);
+        for (int64_t w = bw.lo[ow]; w < bw.hi[ow]; ++w) row[w] += v;
+      }
+      const T rh = T(1) / T(bh.hi[oh] - bh.lo[oh]);
+      for (int64_t h = bh.lo[oh]; h < bh.hi[oh]; ++h) {
+        T* dst = plane + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) dst[w] += row[w] * rh;
       }
     }
   }
@@ -286,42 +385,36 @@ inline Layout make_layout(const at::Tensor& labels) {
 }
 
 // ------------------------------------------------------------------------------ per-class solve
+// One symmetric PSD matrix a (n x n, full storage) through the Jacobi driver (csrc/jacobi.h):
+// outputs w (ascending) and vt (rows = eigenvectors).
+template <typename T>
+int eigh_one(bool avx2, int lanes, const T* a, int n, T* w, T* vt, int max_sweeps, T rel_tol) {
+  std::vector<T> mt(size_t(n) * n), vt_work(size_t(n) * n), reals(jacobi::scratch_reals(n));
+  std::vector<int> ints(jacobi::scratch_ints(n));
+#ifdef DDFAST_DENSIFY_X86
+  if (avx2)
+    return jacobi_avx2::eigh_driver<T>(jacobi_avx2::SerialLanes{lanes}, a, n, n, mt.data(), n, vt_work.data(), w, vt,
+                                       n, max_sweeps, rel_tol, ints.data(), reals.data());
+#endif
+  (void)avx2;
+  return jacobi::eigh_driver<T>(jacobi::SerialLanes{lanes}, a, n, n, mt.data(), n, vt_work.data(), w, vt, n,
+                                max_sweeps, rel_tol, ints.data(), reals.data());
+}
+
 struct ClassResult {
   double loss = 0.0;
   int status = 0;
 };
 
-// KL(sg(softmax(w/tau)) || softmax(w)) and dλ = softmax(w) − softmax(w/tau).
-inline double kl_and_grad(const double* w, int n, double tau, double* dlam) {
-  double m = w[0];
-  for (int i = 1; i < n; ++i) m = std::max(m, w[i]);
-  double s1 = 0.0, s2 = 0.0;
-  for (int i = 0; i < n; ++i) {
-    s1 += std::exp(w[i] - m);
-    s2 += std::exp((w[i] - m) / tau);
-  }
-  const double l1 = std::log(s1), l2 = std::log(s2);
-  double kl = 0.0;
-  for (int i = 0; i < n; ++i) {
-    const double log_q = (w[i] - m) - l1, log_p = (w[i] - m) / tau - l2;
-    const double p = std::exp(log_p);
-    kl += p * (log_p - log_q);
-    if (dlam) dlam[i] = std::exp(log_q) - p;
-  }
-  return kl;
-}
-
 template <typename T>
-ClassResult solve_class(const double* gram, int n, double tau, bool with_grad, int max_sweeps, T* coef) {
+ClassResult solve_class(bool avx2, const double* gram, int n, double tau, bool with_grad, int max_sweeps, T* coef) {
   ClassResult res;
-  std::vector<double> a(size_t(n) * n), vt(size_t(n) * n), w(n), dlam(n), reals(jacobi::scratch_reals(n));
-  std::vector<int> ints(jacobi::scratch_ints(n));
+  std::vector<double> a(size_t(n) * n), vt(size_t(n) * n), w(n), dlam(n);
   for (int i = 0; i < n; ++i)
     for (int j = 0; j <= i; ++j) a[size_t(i) * n + j] = a[size_t(j) * n + i] = gram[size_t(i) * n + j];
-  res.status = jacobi::eigh_serial<double>(a.data(), n, n, vt.data(), n, w.data(), max_sweeps, jacobi::Traits<double>::eps,
-                                           ints.data(), reals.data());
+  res.status = eigh_one<double>(avx2, 1, a.data(), n, w.data(), vt.data(), max_sweeps, 0.0);
   if (res.status == jacobi::kNonFinite) return res;
-  res.loss = kl_and_grad(w.data(), n, tau, with_grad ? dlam.data() : nullptr);
+  res.loss = jacobi::softmax_kl<double>(w.data(), n, tau, with_grad ? dlam.data() : nullptr);
   if (!with_grad) return res;
   // coef = 2 dG = 2 Σ_i dλ_i v_i v_iᵀ  (v_i = row i of vt)
   std::vector<double> dg(size_t(n) * n, 0.0);
@@ -348,19 +441,30 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   const bool avx2 = use_avx2();
   const std::vector<int64_t>& order = layout.order;
   const std::vector<int64_t>& off = layout.offsets;
+  const bool prof = std::getenv("DDFAST_DENSIFY_PROFILE") != nullptr;
+  auto t0 = std::chrono::steady_clock::now();
+  auto lap = [&](const char* what) {
+    if (!prof) return;
+    auto t1 = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "densify %-8s %8.3f ms\n", what, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    t0 = t1;
+  };
 
   // 1. pooled rows in class order
-  std::vector<T> pooled;
+  std::unique_ptr<T[]> pooled;
   std::vector<const T*> rows(B);
   if (identity) {
     for (int64_t r = 0; r < B; ++r) rows[r] = x + order[r] * D;
   } else {
-    pooled.resize(size_t(B) * D);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < B; ++r) pool_image(x + order[r] * C * H * W, C, H, W, P, pooled.data() + r * D);
-    for (int64_t r = 0; r < B; ++r) rows[r] = pooled.data() + r * D;
+    pooled.reset(new T[size_t(B) * D]);
+    const Bins bh(P, H), bw(P, W);
+    const bool par_pool = double(B) * C * H * W > kParallelWork;
+#pragma omp parallel for schedule(static) if (par_pool)
+    for (int64_t r = 0; r < B; ++r) pool_image(x + order[r] * C * H * W, C, H, W, P, bh, bw, pooled.get() + r * D);
+    for (int64_t r = 0; r < B; ++r) rows[r] = pooled.get() + r * D;
   }
 
+  lap("pool");
   // work items (class, first row of a block of kRowBlock rows)
   std::vector<int64_t> gram_off(K + 1, 0);
   std::vector<std::pair<int64_t, int64_t>> items;
@@ -369,15 +473,22 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
     gram_off[k + 1] = gram_off[k] + n * n;
     for (int64_t i0 = 0; i0 < n; i0 += kRowBlock) items.emplace_back(k, i0);
   }
+  double gemm_work = 0.0, eig_work = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double n = double(off[k + 1] - off[k]);
+    gemm_work += n * n * double(D);
+    eig_work += 60.0 * n * n * n;  // ~ sweeps x (dot + 2 rotations) x n^3 / 2
+  }
+  const bool par_gemm = gemm_work > kParallelWork, par_eig = eig_work > kParallelWork;
   // largest first: blocks near the bottom of big classes cost the most
   std::stable_sort(items.begin(), items.end(), [&](const auto& a, const auto& b) {
     return a.second + (off[a.first + 1] - off[a.first]) > b.second + (off[b.first + 1] - off[b.first]);
   });
 
   // 2. Gram matrices (lower triangle incl. the diagonal block), float64
-  std::vector<double> gram(size_t(gram_off[K]));
+  std::vector<double> gram(static_cast<size_t>(gram_off[K]));
   const int64_t n_items = int64_t(items.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (par_gemm)
   for (int64_t it = 0; it < n_items; ++it) {
     const int64_t k = items[it].first, i0 = items[it].second;
     const int64_t n = off[k + 1] - off[k];
@@ -386,6 +497,7 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
     gram_block<T>(avx2, crow + i0, nr, crow, int(i0 + nr), D, gram.data() + gram_off[k] + i0 * n, int(n));
   }
 
+  lap("gram");
   // 3. eigensolve + loss + 2 dG per class
   std::vector<T> coef(with_grad ? size_t(gram_off[K]) : 0);
   std::vector<ClassResult> results(K);
@@ -401,13 +513,14 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   if (!finite)
     throw pybind11::value_error(
         "densify_loss: images contain NaN or Inf (or are so large that a Gram matrix overflows)");
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (par_eig)
   for (int64_t idx = 0; idx < K; ++idx) {
     const int64_t k = class_order[idx];
     const int n = int(off[k + 1] - off[k]);
-    results[k] = solve_class<T>(gram.data() + gram_off[k], n, tau, with_grad, max_sweeps,
+    results[k] = solve_class<T>(avx2, gram.data() + gram_off[k], n, tau, with_grad, max_sweeps,
                                 with_grad ? coef.data() + gram_off[k] : nullptr);
   }
+  lap("eigen");
   double loss = 0.0;
   std::vector<int> status(K);
   for (int64_t k = 0; k < K; ++k) {
@@ -419,8 +532,8 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   if (!with_grad) return {loss, status};
 
   // 4. dX̂ = 2 dG X̂ per class (straight into dx when there is no pooling)
-  std::vector<T> dpooled(identity ? 0 : size_t(B) * D);
-#pragma omp parallel for schedule(dynamic, 1)
+  std::unique_ptr<T[]> dpooled(identity ? nullptr : new T[size_t(B) * D]);  // fully written below
+#pragma omp parallel for schedule(dynamic, 1) if (par_gemm)
   for (int64_t it = 0; it < n_items; ++it) {
     const int64_t k = items[it].first, i0 = items[it].second;
     const int64_t n = off[k + 1] - off[k];
@@ -428,18 +541,36 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
     T* out[kRowBlock];
     for (int r = 0; r < nr; ++r) {
       const int64_t row = off[k] + i0 + r;
-      out[r] = identity ? dx + order[row] * D : dpooled.data() + row * D;
+      out[r] = identity ? dx + order[row] * D : dpooled.get() + row * D;
     }
     dx_block<T>(avx2, coef.data() + gram_off[k] + i0 * n, int(n), nr, rows.data() + off[k], int(n), D, out);
   }
 
+  lap("dx");
   // 5. pooling backward
   if (!identity) {
-#pragma omp parallel for schedule(static)
+    const Bins bh(P, H), bw(P, W);
+    const bool par_pool = double(B) * C * H * W > kParallelWork;
+#pragma omp parallel for schedule(static) if (par_pool)
     for (int64_t r = 0; r < B; ++r)
-      pool_backward_image(dpooled.data() + r * D, C, H, W, P, dx + order[r] * C * H * W);
+      pool_backward_image(dpooled.get() + r * D, C, H, W, P, bh, bw, dx + order[r] * C * H * W);
   }
+  lap("poolbwd");
   return {loss, status};
+}
+
+template <typename T>
+void eigh_batched(const T* src, int64_t m, int64_t n, T* wp, T* vp, int* sp, int max_sweeps, double rel_tol,
+                  int lanes) {
+  const bool avx2 = use_avx2();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < m; ++b) {
+    std::vector<T> work(size_t(n) * n);
+    const T* s = src + b * n * n;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) work[i * n + j] = work[j * n + i] = s[i * n + j];
+    sp[b] = eigh_one<T>(avx2, lanes, work.data(), int(n), wp + b * n, vp + b * n * n, max_sweeps, T(rel_tol));
+  }
 }
 
 }  // namespace densify
@@ -467,8 +598,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor&
   for (int64_t k = 0; k + 1 < int64_t(layout.offsets.size()); ++k)
     if (layout.offsets[k + 1] - layout.offsets[k] > 4096)
       throw pybind11::value_error("densify_forward: a class has more than 4096 images in the batch");
-  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());
-  if (with_grad && (H != pool || W != pool) && x.numel()) dx.zero_();
+  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());  // every entry is written
   double loss = 0.0;
   std::vector<int> status;
   if (B > 0 && H > 0 && W > 0) {
@@ -493,11 +623,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor&
 // a [..., n, n] float32/float64 (the lower triangle is used, like torch.linalg.eigh) ->
 // (w [..., n] ascending, v [..., n, n] eigenvectors as columns, status int32 [...]: sweeps used,
 // -1 not converged, -2 non-finite input).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh(const at::Tensor& a, int64_t max_sweeps, double rel_tol) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh(const at::Tensor& a, int64_t max_sweeps, double rel_tol,
+                                                           int64_t lanes) {
   TORCH_CHECK(a.device().is_cpu(), "jacobi_eigh: CPU tensor expected");
   if (a.dim() < 2 || a.size(-1) != a.size(-2) || !(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble))
     throw pybind11::value_error("jacobi_eigh: expected a float32/float64 tensor of shape [..., n, n]");
   if (max_sweeps < 1) throw pybind11::value_error("jacobi_eigh: max_sweeps must be >= 1");
+  if (lanes < 1 || lanes > 1024) throw pybind11::value_error("jacobi_eigh: lanes must be in [1, 1024]");
   const int64_t n = a.size(-1);
   auto batch_shape = a.sizes().vec();
   batch_shape.resize(batch_shape.size() - 2);
@@ -506,24 +638,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh(const at::Tensor& a, 
   at::Tensor w = at::empty({m, n}, a.options());
   at::Tensor vt = at::empty({m, n, n}, a.options());
   at::Tensor st = at::empty({m}, at::kInt);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "jacobi_eigh", [&] {
-    using T = scalar_t;
-    const T tol = rel_tol > 0 ? T(rel_tol) : jacobi::Traits<T>::eps;
-    const T* src = in.data_ptr<T>();
-    T* wp = w.data_ptr<T>();
-    T* vp = vt.data_ptr<T>();
-    int* sp = st.data_ptr<int>();
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t b = 0; b < m; ++b) {
-      std::vector<T> work(size_t(n) * n), reals(jacobi::scratch_reals(int(n)));
-      std::vector<int> ints(jacobi::scratch_ints(int(n)));
-      const T* s = src + b * n * n;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j <= i; ++j) work[i * n + j] = work[j * n + i] = s[i * n + j];
-      sp[b] = jacobi::eigh_serial<T>(work.data(), int(n), int(n), vp + b * n * n, int(n), wp + b * n, int(max_sweeps),
-                                     tol, ints.data(), reals.data());
-    }
-  });
+  if (a.scalar_type() == at::kDouble) {
+    densify::eigh_batched<double>(in.data_ptr<double>(), m, n, w.data_ptr<double>(), vt.data_ptr<double>(),
+                                  st.data_ptr<int>(), int(max_sweeps), rel_tol, int(lanes));
+  } else {
+    densify::eigh_batched<float>(in.data_ptr<float>(), m, n, w.data_ptr<float>(), vt.data_ptr<float>(),
+                                 st.data_ptr<int>(), int(max_sweeps), rel_tol, int(lanes));
+  }
   batch_shape.push_back(n);
   at::Tensor w_out = w.reshape(batch_shape);
   batch_shape.push_back(n);
@@ -542,6 +663,7 @@ void ddfast_register_densify(pybind11::module_& m) {
         "K3 data densification: (loss, dimages, status[K]) for images [B,C,H,W] and labels [B]; "
         "status = Jacobi sweeps per class (ascending labels), -1 = not converged");
   m.def("jacobi_eigh", &ddfast::jacobi_eigh, py::arg("a"), py::arg("max_sweeps") = ddfast::jacobi::kDefaultMaxSweeps,
-        py::arg("rel_tol") = 0.0,
-        "Batched parallel-order Jacobi eigh (csrc/jacobi.h): (w ascending, v columns, status) of a [..., n, n]");
+        py::arg("rel_tol") = 0.0, py::arg("lanes") = 1,
+        "Batched parallel-order Jacobi eigh (csrc/jacobi.h): (w ascending, v columns, status) of a [..., n, n]; "
+        "lanes > 1 runs the GPU kernel's work split (lanes = threads of a block) one lane after another");
 }

@@ -1,29 +1,32 @@
 // Kernel K1, CPU backend (OpenMP): fused channel + patch statistics and their closed-form backward.
 //
 // Forward. Statistics are accumulated per tile: a tile is one p x p patch of one (b, c) plane for an
-// NCHW x, or one p x p patch over all channels of one sample for a channels_last x (with patch == 0:
-// the whole plane / one pixel row of a sample). Each tile is read twice while it sits in L1 (memory
-// traffic: one read of x): pass 1 sums it (float accumulation in registers; double for float64 x)
-// to get a provisional mean m; pass 2 accumulates e = x - m and e^2, giving the tile's exact
+// NCHW x, or one p x p patch over all channels of one sample for a channels_last x (patch == 0: the
+// whole plane / one pixel row of a sample). Each tile is read twice while it sits in L1 (memory
+// traffic: one read of x): pass 1 sums it in registers (float; double for float64 x) to get a
+// provisional mean m; pass 2 accumulates e = x - m and e^2, giving the tile's exact
 // (mean = m + sum(e)/n, M2 = sum(e^2) - sum(e)^2/n) without the cancellation of a raw sum of
-// squares. Channels_last tiles also center every channel on its own provisional mean over the strip
-// of p rows, for the channel statistics. Tile (count, mean, M2) triples are merged in double with
-// Chan's formula: per plane / sample, then per fixed group of planes / samples (the groups do not
-// depend on the thread count), then across groups in a second parallel loop over channels / patches.
-// Every sum runs in a fixed order: results are bitwise reproducible for any number of threads.
+// squares. Channels_last tiles also center every channel on its own provisional mean within the
+// tile, for the channel statistics. Tile (count, mean, M2) triples are merged in double with Chan's
+// formula (provisional mean and correction kept apart until then): per plane / sample, then per
+// fixed group of consecutive planes / samples, then across groups. Groups do not depend on the
+// thread count and every sum runs in a fixed order, so results are bitwise reproducible for any
+// number of threads (groups are handed out dynamically, which only changes who computes them).
 //
 // Backward: dx = (A[c] + P[hw]) + S[c]*(x - cmean[c]) + Q[hw]*(x - pmean[k(hw)]) with per-channel
 // constants A = g_cmean/count_c, S = 2 g_cvar/count_c and per-pixel maps P = g_pmean/count_p,
 // Q = 2 g_pvar/count_p (H*W entries each). Keeping the (x - mean) differences instead of folding the
-// means into the constants keeps dx accurate for inputs with a large mean.
+// means into the constants keeps dx accurate for inputs with a large mean. dx gets transparent huge
+// pages when large (see advise_huge_pages).
 //
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
-// strides are made contiguous with x.contiguous() first (one extra copy).
+// strides are made contiguous with x.contiguous() first (one extra copy; dx is then contiguous).
 //
 // ISA: the kernels below the "kernel part" marker are compiled twice, for the build's baseline ISA
-// (x86-64-v2, SSE4.2) and with AVX2+FMA+F16C (this file includes itself once per ISA); the AVX2 copy
-// is used when the CPU supports it. Environment variable DDFAST_STAT_MATCH_ISA=base forces the
-// baseline copy (read on every call; used by the tests).
+// (x86-64-v2, SSE4.2) and with AVX2+FMA+F16C (this file includes itself once per ISA, each copy in
+// its own namespace with internal linkage); the AVX2 copy is used when the CPU supports it.
+// Environment variable DDFAST_STAT_MATCH_ISA=base forces the baseline copy (read on every call; the
+// tests use it). Vector code uses GCC vector extensions (32-byte vectors), so it builds for both.
 #ifndef DDFAST_STAT_MATCH_KERNEL_PART
 
 #include "stat_match.h"
@@ -31,6 +34,10 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -41,6 +48,10 @@
 #include <vector>
 
 #include "parallel.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // The kernels pass 32-byte GCC vectors between inlined helpers only; no ABI is exposed.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -65,24 +76,32 @@ inline double nonneg(double v) { return v < 0.0 ? 0.0 : v; }  // NaN passes thro
 #define DDFAST_STAT_MATCH_KERNEL_PART 1
 
 #define SM_ATTR
+#define SM_F16C 0
 namespace ddfast {
 namespace sm_base {
+namespace {  // internal linkage: no PLT calls, no symbol clashes with other kernels
 #include "stat_match.cpp"  // NOLINT(build/include): kernel part, baseline ISA
+}  // namespace
 }  // namespace sm_base
 }  // namespace ddfast
 #undef SM_ATTR
+#undef SM_F16C
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define DDFAST_SM_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define SM_ATTR __attribute__((target("avx2,fma,f16c")))
+#define SM_F16C 1
 namespace ddfast {
 namespace sm_avx2 {
+namespace {
 #include "stat_match.cpp"  // NOLINT(build/include): kernel part, AVX2 + FMA
+}  // namespace
 }  // namespace sm_avx2
 }  // namespace ddfast
 #undef SM_ATTR
+#undef SM_F16C
 #pragma GCC pop_options
 #endif
 
@@ -104,6 +123,23 @@ bool use_avx2() {
 }
 
 enum class Layout { NCHW, NHWC };
+
+// dx is a fresh activation-sized buffer; large ones come straight from mmap and every first touch
+// is a page fault (measured: ~as costly as the kernel itself for 52 MB). Ask for transparent huge
+// pages on its 2 MiB-aligned interior (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every
+// allocation); a no-op where THP is disabled.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
 
 // Returns the tensor to read (x itself when NCHW- or NHWC-contiguous, else x.contiguous()).
 at::Tensor pick_layout(const at::Tensor& x, Layout* layout) {
@@ -158,7 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   const int64_t K = patches ? (H / patch) * (W / patch) : 0;
   // Units: planes (NCHW) or samples (NHWC), in fixed groups of consecutive units.
   const int64_t U = layout == Layout::NCHW ? B * C : B;
-  int64_t G = std::min<int64_t>(U, sm_common::kMaxGroups);
+  // NCHW planes are small units: at least 8 per group (fewer, larger partials to merge).
+  int64_t G = std::min<int64_t>(layout == Layout::NCHW ? std::max<int64_t>(1, U / 8) : U,
+                                sm_common::kMaxGroups);
   if (patches) G = std::max<int64_t>(1, std::min<int64_t>(G, sm_common::kMaxGroupEntries / K));
   const int64_t unit_count = layout == Layout::NCHW ? patch * patch : C * patch * patch;
 
@@ -229,6 +267,7 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(
                                            layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast
                                                                   : at::MemoryFormat::Contiguous));
+  advise_huge_pages(dx.data_ptr(), size_t(dx.numel()) * dx.element_size());
   const bool avx2 = use_avx2();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_match_backward", [&] {
@@ -315,7 +354,10 @@ SM_ATTR inline void chan_merge_equal(double* __restrict gm, double* __restrict g
   }
 }
 
-// Software prefetch of [p, p + bytes) (hint only: never faults, also past the end of x).
+// Software prefetch of [p, p + bytes) (hint only: never faults, also past the end of x). The NCHW
+// kernels read x in short two-pass bursts (one tile-row / plane at a time), which the hardware
+// prefetchers alone do not keep ahead of; prefetching kPrefetchBytes ahead keeps DRAM streaming.
+constexpr int64_t kPrefetchBytes = 8192;
 SM_ATTR inline void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
@@ -338,11 +380,28 @@ struct Vec<double> {
   static constexpr int L = 4;
 };
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+// 8 (float) / 4 (double) elements of x as an accumulation vector; half via F16C in the AVX2 copy,
+// bfloat16 by widening its bits.
 template <typename scalar_t, typename acc_t>
 SM_ATTR inline __attribute__((always_inline)) typename Vec<acc_t>::type vload(const scalar_t* __restrict p) {
   typename Vec<acc_t>::type v;
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
     std::memcpy(&v, p, sizeof(v));
+#if SM_F16C
+  } else if constexpr (std::is_same<scalar_t, c10::Half>::value && std::is_same<acc_t, float>::value) {
+    v = (typename Vec<acc_t>::type)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    v = (typename Vec<acc_t>::type)_mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#endif
+  } else if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    uint16_t raw[8];
+    std::memcpy(raw, p, sizeof(raw));
+    v8u u;
+    for (int l = 0; l < 8; ++l) u[l] = uint32_t(raw[l]) << 16;
+    std::memcpy(&v, &u, sizeof(v));
   } else {
     for (int l = 0; l < Vec<acc_t>::L; ++l) v[l] = static_cast<acc_t>(p[l]);
   }
@@ -416,6 +475,98 @@ SM_ATTR inline void nchw_vblock(const scalar_t* __restrict x0, int64_t W, int64_
       tc[t] = c[q];
       tv[t] = m2[q] < acc_t(0) ? acc_t(0) : m2[q];
     }
+  }
+}
+
+// TW == 4 with float accumulation: 32-column blocks (4 vectors, 8 tiles). Per-tile sums come from a
+// transposing reduction (3 pairwise "hadd"s over the 4 vectors) that leaves the 8 tiles in lane
+// order {0,2,4,6,1,3,5,7}; means are broadcast back with one permute per vector and the tile
+// results are stored as whole vectors (no per-tile scalar work).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+SM_ATTR inline __attribute__((always_inline)) v8f hadd8(v8f a, v8f b) {
+  return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) +
+         __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+}
+
+// NV full vectors (8 columns each) plus, with HALF, one half vector (4 columns, upper lanes zero):
+// 2 * NV + HALF <= 8 tiles. Writes 8 tile entries (the ones past 2 * NV + HALF are scratch).
+template <int NV, bool HALF, typename scalar_t>
+SM_ATTR inline __attribute__((always_inline)) v8f f4_load(const scalar_t* __restrict p, int j) {
+  if (j < NV) return vload<scalar_t, float>(p + 8 * j);
+  v8f v = {};
+  if (HALF && j == NV)
+    for (int l = 0; l < 4; ++l) v[l] = static_cast<float>(p[8 * j + l]);
+  return v;
+}
+
+template <int NV, bool HALF, typename scalar_t>
+SM_ATTR inline void nchw_f4_block(const scalar_t* __restrict x0, int64_t W, int64_t th, float inv_nf,
+                                  float* __restrict tm, float* __restrict tc, float* __restrict tv) {
+  v8f s0 = f4_load<NV, HALF>(x0, 0), s1 = f4_load<NV, HALF>(x0, 1);
+  v8f s2 = f4_load<NV, HALF>(x0, 2), s3 = f4_load<NV, HALF>(x0, 3);
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict xr = x0 + r * W;
+    s0 += f4_load<NV, HALF>(xr, 0);
+    s1 += f4_load<NV, HALF>(xr, 1);
+    s2 += f4_load<NV, HALF>(xr, 2);
+    s3 += f4_load<NV, HALF>(xr, 3);
+  }
+  const v8f hm = hadd8(hadd8(s0, s1), hadd8(s2, s3)) * inv_nf;  // tiles {0,2,4,6,1,3,5,7}
+  const v8f m0 = __builtin_shuffle(hm, v8i{0, 0, 0, 0, 4, 4, 4, 4});
+  const v8f m1 = __builtin_shuffle(hm, v8i{1, 1, 1, 1, 5, 5, 5, 5});
+  const v8f m2 = __builtin_shuffle(hm, v8i{2, 2, 2, 2, 6, 6, 6, 6});
+  const v8f m3 = __builtin_shuffle(hm, v8i{3, 3, 3, 3, 7, 7, 7, 7});
+  v8f a0 = f4_load<NV, HALF>(x0, 0) - m0, a1 = f4_load<NV, HALF>(x0, 1) - m1;
+  v8f a2 = f4_load<NV, HALF>(x0, 2) - m2, a3 = f4_load<NV, HALF>(x0, 3) - m3;
+  v8f b0 = a0 * a0, b1 = a1 * a1, b2 = a2 * a2, b3 = a3 * a3;
+  for (int64_t r = 1; r < th; ++r) {
+    const scalar_t* __restrict xr = x0 + r * W;
+    const v8f e0 = f4_load<NV, HALF>(xr, 0) - m0, e1 = f4_load<NV, HALF>(xr, 1) - m1;
+    const v8f e2 = f4_load<NV, HALF>(xr, 2) - m2, e3 = f4_load<NV, HALF>(xr, 3) - m3;
+    a0 += e0;
+    a1 += e1;
+    a2 += e2;
+    a3 += e3;
+    b0 += e0 * e0;
+    b1 += e1 * e1;
+    b2 += e2 * e2;
+    b3 += e3 * e3;
+  }
+  const v8f sa = hadd8(hadd8(a0, a1), hadd8(a2, a3));
+  const v8f sb = hadd8(hadd8(b0, b1), hadd8(b2, b3));
+  const v8f c = sa * inv_nf;
+  v8f v = sb - sa * c;
+  const v8f zero = {};
+  v = (v < zero) ? zero : v;  // NaN passes through
+  const v8i unperm = {0, 4, 1, 5, 2, 6, 3, 7};
+  const v8f om = __builtin_shuffle(hm, unperm), oc = __builtin_shuffle(c, unperm),
+            ov = __builtin_shuffle(v, unperm);
+  std::memcpy(tm, &om, sizeof(om));
+  std::memcpy(tc, &oc, sizeof(oc));
+  std::memcpy(tv, &ov, sizeof(ov));
+}
+
+// Tile-row with 4-column tiles, float accumulation, any W (multiple of 4). tm/tc/tv need 8
+// entries of slack past the row's W / 4 tiles.
+template <typename scalar_t>
+SM_ATTR void nchw_tilerow_f4(const scalar_t* __restrict r0, int64_t W, int64_t th, float inv_nf,
+                             float* __restrict tm, float* __restrict tc, float* __restrict tv) {
+  int64_t w = 0;
+  for (; w + 32 <= W; w += 32) nchw_f4_block<4, false>(r0 + w, W, th, inv_nf, tm + w / 4, tc + w / 4, tv + w / 4);
+  const int64_t rem = W - w;
+  const scalar_t* x0 = r0 + w;
+  float *a = tm + w / 4, *b = tc + w / 4, *c = tv + w / 4;
+  switch (rem) {
+    case 4: nchw_f4_block<0, true>(x0, W, th, inv_nf, a, b, c); break;
+    case 8: nchw_f4_block<1, false>(x0, W, th, inv_nf, a, b, c); break;
+    case 12: nchw_f4_block<1, true>(x0, W, th, inv_nf, a, b, c); break;
+    case 16: nchw_f4_block<2, false>(x0, W, th, inv_nf, a, b, c); break;
+    case 20: nchw_f4_block<2, true>(x0, W, th, inv_nf, a, b, c); break;
+    case 24: nchw_f4_block<3, false>(x0, W, th, inv_nf, a, b, c); break;
+    case 28: nchw_f4_block<3, true>(x0, W, th, inv_nf, a, b, c); break;
+    default: break;
   }
 }
 
@@ -501,43 +652,43 @@ SM_ATTR void nchw_tilerow_generic(const scalar_t* __restrict r0, int64_t W, int6
   }
 }
 
-// Whole plane (patch == 0): two passes over n contiguous elements with 32 register lanes; pass 2
-// flushes its float lanes into double every 4096 elements.
+// Whole plane (patch == 0): two passes over n contiguous elements with 4 vector accumulators each;
+// pass 2 flushes its lanes into double every 4096 elements.
 template <typename scalar_t, typename acc_t>
-SM_ATTR void plane_twopass(const scalar_t* __restrict x, int64_t n, double* mean, double* m2) {
-  constexpr int L = 32;
+SM_ATTR void plane_twopass(const scalar_t* __restrict x, int64_t n, double* mean, double* m2, int64_t pf) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  constexpr int BL = 4 * L;
   constexpr int64_t CH = 4096;
-  acc_t a[L];
-  for (int l = 0; l < L; ++l) a[l] = 0;
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int l = 0; l < L; ++l) a[l] += static_cast<acc_t>(x[i + l]);
-  acc_t s = 0;
+  for (; i + BL <= n; i += BL) {
+    if (pf > 0) prefetch_range(x + i + pf, BL * int64_t(sizeof(scalar_t)));
+    a0 += vload<scalar_t, acc_t>(x + i);
+    a1 += vload<scalar_t, acc_t>(x + i + L);
+    a2 += vload<scalar_t, acc_t>(x + i + 2 * L);
+    a3 += vload<scalar_t, acc_t>(x + i + 3 * L);
+  }
+  acc_t s = group_sum<L, acc_t>((a0 + a1) + (a2 + a3))[0];
   for (; i < n; ++i) s += static_cast<acc_t>(x[i]);
-  for (int l = 0; l < L; ++l) s += a[l];
   const acc_t m = s / acc_t(n);
   double se = 0.0, see = 0.0;
   for (int64_t c0 = 0; c0 < n; c0 += CH) {
     const int64_t c1 = std::min(n, c0 + CH);
-    acc_t e1[L], e2[L];
-    for (int l = 0; l < L; ++l) e1[l] = e2[l] = 0;
+    V e0 = {}, e1 = {}, f0 = {}, f1 = {};
     i = c0;
-    for (; i + L <= c1; i += L) {
-      for (int l = 0; l < L; ++l) {
-        const acc_t e = static_cast<acc_t>(x[i + l]) - m;
-        e1[l] += e;
-        e2[l] += e * e;
-      }
+    for (; i + 2 * L <= c1; i += 2 * L) {
+      const V d0 = vload<scalar_t, acc_t>(x + i) - m, d1 = vload<scalar_t, acc_t>(x + i + L) - m;
+      e0 += d0;
+      e1 += d1;
+      f0 += d0 * d0;
+      f1 += d1 * d1;
     }
-    acc_t t1 = 0, t2 = 0;
+    acc_t t1 = group_sum<L, acc_t>(e0 + e1)[0], t2 = group_sum<L, acc_t>(f0 + f1)[0];
     for (; i < c1; ++i) {
       const acc_t e = static_cast<acc_t>(x[i]) - m;
       t1 += e;
       t2 += e * e;
-    }
-    for (int l = 0; l < L; ++l) {
-      t1 += e1[l];
-      t2 += e2[l];
     }
     se += t1;
     see += t2;
@@ -547,7 +698,6 @@ SM_ATTR void plane_twopass(const scalar_t* __restrict x, int64_t n, double* mean
   *m2 = nonneg(see - se * se / dn);
 }
 
-
 template <typename scalar_t>
 SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
                           int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
@@ -556,30 +706,39 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
   using acc_t = acc_t_of<scalar_t>;
   const int64_t U = B * C, HW = H * W;
   if (p == 0) {
-#pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < U; ++u) plane_twopass<scalar_t, acc_t>(x + u * HW, HW, umean + u, um2 + u);
+    const int64_t pf = kPrefetchBytes / int64_t(sizeof(scalar_t));
+#pragma omp parallel for schedule(dynamic, std::max<int64_t>(1, U / 256))
+    for (int64_t u = 0; u < U; ++u) plane_twopass<scalar_t, acc_t>(x + u * HW, HW, umean + u, um2 + u, pf);
     return;
   }
   const int64_t nth = H / p, ntw = W / p, T = nth * ntw;  // T == K
   const double tn = double(p * p);
   const acc_t inv_nf = acc_t(1) / acc_t(p * p);
-  const int64_t kPrefetchElems = 4096 / int64_t(sizeof(scalar_t));
+  const int64_t pf = kPrefetchBytes / int64_t(sizeof(scalar_t));
   const bool vec = W >= Vec<acc_t>::L && (p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32);
 #pragma omp parallel
   {
-    std::vector<acc_t> s1(W), s2(W), mrow(W), tm(T), tc(T), tv(T);
-    std::vector<double> tmean(T), tm2(T);
-#pragma omp for schedule(static)
+    std::vector<acc_t> s1(W), s2(W), mrow(W), tmv(T + 8), tcv(T + 8), tvv(T + 8);
+    acc_t* __restrict tm = tmv.data();
+    acc_t* __restrict tc = tcv.data();
+    acc_t* __restrict tv = tvv.data();
+#pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
       for (int64_t u = u0; u < u1; ++u) {
         const scalar_t* __restrict xp = x + u * HW;
         for (int64_t i = 0; i < nth; ++i) {
           const scalar_t* r0 = xp + i * p * W;
-          prefetch_range(r0 + kPrefetchElems, p * W * int64_t(sizeof(scalar_t)));
-          acc_t* a = tm.data() + i * ntw;
-          acc_t* b = tc.data() + i * ntw;
-          acc_t* c = tv.data() + i * ntw;
+          prefetch_range(r0 + pf, p * W * int64_t(sizeof(scalar_t)));
+          acc_t* a = tm + i * ntw;
+          acc_t* b = tc + i * ntw;
+          acc_t* c = tv + i * ntw;
+          if constexpr (std::is_same<acc_t, float>::value) {
+            if (p == 4) {
+              nchw_tilerow_f4<scalar_t>(r0, W, p, inv_nf, a, b, c);
+              continue;
+            }
+          }
           if (!vec) {
             nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, s1.data(), s2.data(), mrow.data(),
                                                   a, b, c);
@@ -594,34 +753,38 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
             default: nchw_tilerow_vec<32, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
           }
         }
-        // plane = union of its T equal-count tiles
-        double pm = 0.0;
-#pragma omp simd reduction(+ : pm)
+        // One pass over the plane's T tiles: the plane (union of its equal-count tiles, centered on
+        // the first tile's provisional mean, sums in double) and the streaming Chan merge of the
+        // tiles into the group's patch partials.
+        const acc_t shift = tm[0];
+        double s1 = 0.0, s2 = 0.0, sv = 0.0;
+        double* __restrict gmu = gmean + g * T;
+        double* __restrict gvu = gm2 + g * T;
+        const int64_t j = u - u0;
+        const double r = 1.0 / double(j + 1), wgt = tn * double(j) * r;
+#pragma omp simd reduction(+ : s1, s2, sv)
         for (int64_t t = 0; t < T; ++t) {
-          const double m = double(tm[t]) + double(tc[t]);
-          tmean[t] = m;
-          tm2[t] = double(tv[t]);
-          pm += m;
+          const double d = double(tm[t] - shift) + double(tc[t]);
+          const double v = double(tv[t]);
+          s1 += d;
+          s2 += d * d;
+          sv += v;
+          const double mt = double(tm[t]) + double(tc[t]);
+          const double dg = j == 0 ? 0.0 : mt - gmu[t];
+          gmu[t] = j == 0 ? mt : gmu[t] + dg * r;
+          gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
         }
-        pm /= double(T);
-        double m2 = 0.0, between = 0.0;
-#pragma omp simd reduction(+ : m2, between)
-        for (int64_t t = 0; t < T; ++t) {
-          const double d = tmean[t] - pm;
-          m2 += tm2[t];
-          between += d * d;
-        }
-        umean[u] = pm;
-        um2[u] = m2 + tn * between;
-        chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, u - u0, tn);
+        umean[u] = double(shift) + s1 / double(T);
+        um2[u] = sv + tn * nonneg(s2 - s1 * s1 / double(T));
       }
     }
   }
 }
 
 // ---- NHWC --------------------------------------------------------------------------------------
-// One sample [H, W, C] (contiguous), processed in strips of th rows; tiles th x tw pixels x all
-// channels. Channel statistics of the sample go to cmean/cm2 [C]; with kPatches, tile stats to
+// Double-accumulation variant (float64 input). One sample [H, W, C] (contiguous), processed in
+// strips of th rows; tiles th x tw pixels x all channels; channels are centered on their strip
+// means. Channel statistics of the sample go to cmean/cm2 [C]; with kPatches, tile stats to
 // tmean/tm2 [(H/th)*(W/tw)].
 template <typename scalar_t, typename acc_t, bool kPatches>
 SM_ATTR void sample_nhwc(const scalar_t* __restrict xb, int64_t H, int64_t W, int64_t C, int64_t th,
@@ -719,6 +882,133 @@ SM_ATTR void sample_nhwc(const scalar_t* __restrict xb, int64_t H, int64_t W, in
   }
 }
 
+// Float-accumulation variant (float / half / bfloat16 input): one tile (th x tw pixels x all C
+// channels, contiguous rows of tw * C elements) at a time, so both passes hit L1. Channels go in
+// blocks of 16 held in registers: pass 1 gives the per-(tile, channel) provisional means and the
+// tile mean; pass 2 centers every element on its channel's tile mean (channel stats) and on the tile
+// mean (patch stats). Per-(tile, channel) triples are Chan-merged into the sample's channel stats
+// in double. ws: 3 * C floats.
+template <typename scalar_t, bool kPatches>
+SM_ATTR __attribute__((noinline)) void sample_nhwc_f(const scalar_t* __restrict xb, int64_t H, int64_t W, int64_t C, int64_t th,
+                           int64_t tw, float* __restrict ws, double* __restrict cmean,
+                           double* __restrict cm2, double* __restrict tmean, double* __restrict tm2) {
+  constexpr int CB = 16;
+  const int64_t nth = H / th, ntw = W / tw, np = th * tw, Cv = C / CB * CB;
+  float* __restrict mc = ws;         // provisional channel means of the tile
+  float* __restrict cc = ws + C;     // corrections sum(d) / np
+  float* __restrict cv = ws + 2 * C; // channel M2 within the tile
+  const float inv_np = 1.0f / float(np);
+  const float inv_tile = 1.0f / float(C * np);
+  const double n_tile = double(C * np);
+  int64_t tile = 0;
+  for (int64_t i = 0; i < nth; ++i) {
+    for (int64_t j = 0; j < ntw; ++j, ++tile) {
+      const scalar_t* __restrict t0 = xb + (i * th * W + j * tw) * C;
+      // pass 1
+      v8f tsum = {};
+      for (int64_t cb = 0; cb < Cv; cb += CB) {
+        v8f a0 = {}, a1 = {};
+        for (int64_t r = 0; r < th; ++r) {
+          const scalar_t* __restrict rp = t0 + r * W * C + cb;
+          const scalar_t* const re = rp + tw * C;
+          for (; rp != re; rp += C) {
+            a0 += vload<scalar_t, float>(rp);
+            a1 += vload<scalar_t, float>(rp + 8);
+          }
+        }
+        tsum += a0 + a1;
+        const v8f b0 = a0 * inv_np, b1 = a1 * inv_np;
+        std::memcpy(mc + cb, &b0, sizeof(b0));
+        std::memcpy(mc + cb + 8, &b1, sizeof(b1));
+      }
+      float ts = group_sum<8, float>(tsum)[0];
+      for (int64_t c = Cv; c < C; ++c) {
+        float a = 0.0f;
+        for (int64_t r = 0; r < th; ++r)
+          for (int64_t q = 0; q < tw; ++q) a += static_cast<float>(t0[(r * W + q) * C + c]);
+        mc[c] = a * inv_np;
+        ts += a;
+      }
+      const float m = ts * inv_tile;
+      // pass 2
+      v8f e1 = {}, e2 = {};
+      for (int64_t cb = 0; cb < Cv; cb += CB) {
+        v8f m0, m1;
+        std::memcpy(&m0, mc + cb, sizeof(m0));
+        std::memcpy(&m1, mc + cb + 8, sizeof(m1));
+        v8f s0 = {}, s1 = {}, q0 = {}, q1 = {};
+        for (int64_t r = 0; r < th; ++r) {
+          const scalar_t* __restrict rp = t0 + r * W * C + cb;
+          const scalar_t* const re = rp + tw * C;
+          for (; rp != re; rp += C) {
+            const v8f v0 = vload<scalar_t, float>(rp), v1 = vload<scalar_t, float>(rp + 8);
+            const v8f d0 = v0 - m0, d1 = v1 - m1;
+            s0 += d0;
+            s1 += d1;
+            q0 += d0 * d0;
+            q1 += d1 * d1;
+            if (kPatches) {
+              const v8f f0 = v0 - m, f1 = v1 - m;
+              e1 += f0 + f1;
+              e2 += f0 * f0 + f1 * f1;
+            }
+          }
+        }
+        const v8f c0 = s0 * inv_np, c1 = s1 * inv_np;
+        const v8f zero = {};
+        v8f w0 = q0 - s0 * c0, w1 = q1 - s1 * c1;
+        w0 = (w0 < zero) ? zero : w0;  // NaN passes through
+        w1 = (w1 < zero) ? zero : w1;
+        std::memcpy(cc + cb, &c0, sizeof(c0));
+        std::memcpy(cc + cb + 8, &c1, sizeof(c1));
+        std::memcpy(cv + cb, &w0, sizeof(w0));
+        std::memcpy(cv + cb + 8, &w1, sizeof(w1));
+      }
+      float se = group_sum<8, float>(e1)[0], see = group_sum<8, float>(e2)[0];
+      for (int64_t c = Cv; c < C; ++c) {
+        float s = 0.0f, qq = 0.0f;
+        for (int64_t r = 0; r < th; ++r) {
+          for (int64_t q = 0; q < tw; ++q) {
+            const float v = static_cast<float>(t0[(r * W + q) * C + c]);
+            const float d = v - mc[c];
+            s += d;
+            qq += d * d;
+            if (kPatches) {
+              const float f = v - m;
+              se += f;
+              see += f * f;
+            }
+          }
+        }
+        cc[c] = s * inv_np;
+        const float w = qq - s * cc[c];
+        cv[c] = w < 0.0f ? 0.0f : w;
+      }
+      if (kPatches) {
+        const double a = se, b = see;
+        tmean[tile] = double(m) + a / n_tile;
+        tm2[tile] = nonneg(b - a * a / n_tile);
+      }
+      // Chan-merge the tile's channel triples (np elements each) into the sample's channel stats
+      if (tile == 0) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          cmean[c] = double(mc[c]) + double(cc[c]);
+          cm2[c] = double(cv[c]);
+        }
+      } else {
+        const double r = 1.0 / double(tile + 1), wgt = double(np) * double(tile) * r;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = (double(mc[c]) + double(cc[c])) - cmean[c];
+          cmean[c] += d * r;
+          cm2[c] += double(cv[c]) + d * d * wgt;
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
                           int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
@@ -734,11 +1024,20 @@ SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, in
   {
     std::vector<acc_t> ptmp(ntw * C), mch(C), sd(C), sdd(C), mt(ntw);
     std::vector<double> scratch(2 * C + 2 * ntw), tmean(T), tm2(T);
-#pragma omp for schedule(static)
+    std::vector<float> ws(3 * C);
+    constexpr bool kFloatAcc = std::is_same<acc_t, float>::value;
+#pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t b0 = g * B / G, b1 = (g + 1) * B / G;
       for (int64_t b = b0; b < b1; ++b) {
-        if (patches) {
+        if (kFloatAcc && patches) {
+          sample_nhwc_f<scalar_t, true>(x + b * HWC, H, W, C, th, tw, ws.data(), umean + b * C,
+                                        um2 + b * C, tmean.data(), tm2.data());
+          chan_merge_equal(gmean + g * T, gm2 + g * T, tmean.data(), tm2.data(), T, b - b0, tn);
+        } else if (kFloatAcc) {
+          sample_nhwc_f<scalar_t, false>(x + b * HWC, H, W, C, th, tw, ws.data(), umean + b * C,
+                                         um2 + b * C, nullptr, nullptr);
+        } else if (patches) {
           sample_nhwc<scalar_t, acc_t, true>(x + b * HWC, H, W, C, th, tw, ptmp.data(), mch.data(),
                                               sd.data(), sdd.data(), mt.data(), scratch.data(),
                                               umean + b * C, um2 + b * C, tmean.data(), tm2.data());
@@ -755,13 +1054,16 @@ SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, in
 
 // Final merge: channels from B per-(b, c) partials of n_unit elements each; patches from G group
 // partials ((u1 - u0) * unit_count elements each). Two-pass (mean, then M2 + between-term) in double.
+// Serial unless large: a second parallel region costs more than the merge under CPU contention.
 template <typename out_t>
 SM_ATTR void merge_partials(const double* __restrict umean, const double* __restrict um2,
                             const double* __restrict gmean, const double* __restrict gm2, int64_t B,
                             int64_t C, int64_t K, int64_t U, int64_t G, double n_unit, double unit_count,
                             out_t* __restrict cmean, out_t* __restrict cm2, out_t* __restrict pmean,
                             out_t* __restrict pm2) {
-#pragma omp parallel
+  std::vector<double> gunits(G);  // units per group
+  for (int64_t g = 0; g < G; ++g) gunits[g] = double((g + 1) * U / G - g * U / G);
+#pragma omp parallel if (B * C + G * K > (int64_t(1) << 18))
   {
 #pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < C; ++c) {
@@ -780,13 +1082,13 @@ SM_ATTR void merge_partials(const double* __restrict umean, const double* __rest
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
       double m = 0.0;
-      for (int64_t g = 0; g < G; ++g) m += double((g + 1) * U / G - g * U / G) * gmean[g * K + k];
+      for (int64_t g = 0; g < G; ++g) m += gunits[g] * gmean[g * K + k];
       m /= double(U);
       double m2 = 0.0, between = 0.0;
       for (int64_t g = 0; g < G; ++g) {
         const double d = gmean[g * K + k] - m;
         m2 += gm2[g * K + k];
-        between += double((g + 1) * U / G - g * U / G) * d * d;
+        between += gunits[g] * d * d;
       }
       pmean[k] = static_cast<out_t>(m);
       pm2[k] = static_cast<out_t>(m2 + unit_count * between);
@@ -795,29 +1097,100 @@ SM_ATTR void merge_partials(const double* __restrict umean, const double* __rest
 }
 
 // ---- backward ----------------------------------------------------------------------------------
+typedef uint32_t u32_alias __attribute__((may_alias));
+typedef uint16_t u16_alias __attribute__((may_alias));
+
+// n elements of a reduced-precision x to float (exact).
+template <typename scalar_t>
+SM_ATTR inline void load_to_float(float* __restrict dst, const scalar_t* __restrict src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    const u16_alias* s = reinterpret_cast<const u16_alias*>(src);
+    u32_alias* d = reinterpret_cast<u32_alias*>(dst);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) d[k] = uint32_t(s[k]) << 16;
+    return;
+  }
+#if SM_F16C
+  if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// n floats to a reduced-precision dx, round to nearest even (as c10's conversions).
+template <typename scalar_t>
+SM_ATTR inline void store_from_float(scalar_t* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    const u32_alias* s = reinterpret_cast<const u32_alias*>(src);
+    u16_alias* d = reinterpret_cast<u16_alias*>(dst);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t u = s[k];
+      const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      d[k] = src[k] != src[k] ? uint16_t(0x7FC0) : uint16_t(r);
+    }
+    return;
+  }
+#if SM_F16C
+  if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Reduced-precision x / dx go through float chunks of this many elements (stack buffers).
+constexpr int64_t kBwdChunk = 512;
+
 template <typename scalar_t, typename acc_t>
 SM_ATTR void backward_nchw(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C,
                            int64_t HW, const acc_t* __restrict A, const acc_t* __restrict S,
                            const acc_t* __restrict M, const acc_t* __restrict P,
                            const acc_t* __restrict Q, const acc_t* __restrict PM, bool patches) {
   const int64_t U = B * C;
-#pragma omp parallel for schedule(static)
+  constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
+#pragma omp parallel for schedule(dynamic, std::max<int64_t>(1, U / 256))
   for (int64_t u = 0; u < U; ++u) {
     const int64_t c = u % C;
     const acc_t a = A[c], s = S[c], m = M[c];
     const scalar_t* __restrict xp = x + u * HW;
     scalar_t* __restrict dp = dx + u * HW;
-    if (patches) {
+    if constexpr (kDirect) {
+      if (patches) {
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        dp[i] = static_cast<scalar_t>((a + P[i]) + s * (v - m) + Q[i] * (v - PM[i]));
+        for (int64_t i = 0; i < HW; ++i) {
+          const acc_t v = xp[i];
+          dp[i] = (a + P[i]) + s * (v - m) + Q[i] * (v - PM[i]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) dp[i] = a + s * (xp[i] - m);
       }
     } else {
+      float xf[kBwdChunk], rf[kBwdChunk];
+      for (int64_t i0 = 0; i0 < HW; i0 += kBwdChunk) {
+        const int64_t n = std::min(kBwdChunk, HW - i0);
+        load_to_float<scalar_t>(xf, xp + i0, n);
+        if (patches) {
+          const acc_t* __restrict Pi = P + i0;
+          const acc_t* __restrict Qi = Q + i0;
+          const acc_t* __restrict PMi = PM + i0;
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        dp[i] = static_cast<scalar_t>(a + s * (v - m));
+          for (int64_t i = 0; i < n; ++i) {
+            const float v = xf[i];
+            rf[i] = (a + Pi[i]) + s * (v - m) + Qi[i] * (v - PMi[i]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) rf[i] = a + s * (xf[i] - m);
+        }
+        store_from_float<scalar_t>(dp + i0, rf, n);
       }
     }
   }
@@ -829,23 +1202,44 @@ SM_ATTR void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx
                            const acc_t* __restrict M, const acc_t* __restrict P,
                            const acc_t* __restrict Q, const acc_t* __restrict PM, bool patches) {
   const int64_t R = B * HW;  // pixels
-#pragma omp parallel for schedule(static)
+  constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
+#pragma omp parallel for schedule(dynamic, std::max<int64_t>(1, R / 256))
   for (int64_t r = 0; r < R; ++r) {
     const int64_t hw = r % HW;
     const scalar_t* __restrict xp = x + r * C;
     scalar_t* __restrict dp = dx + r * C;
-    if (patches) {
-      const acc_t pp = P[hw], q = Q[hw], pm = PM[hw];
+    const acc_t pp = patches ? P[hw] : acc_t(0), q = patches ? Q[hw] : acc_t(0),
+                pm = patches ? PM[hw] : acc_t(0);
+    if constexpr (kDirect) {
+      if (patches) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(xp[c]);
-        dp[c] = static_cast<scalar_t>((A[c] + pp) + S[c] * (v - M[c]) + q * (v - pm));
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = xp[c];
+          dp[c] = (A[c] + pp) + S[c] * (v - M[c]) + q * (v - pm);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dp[c] = A[c] + S[c] * (xp[c] - M[c]);
       }
     } else {
+      float xf[kBwdChunk], rf[kBwdChunk];
+      for (int64_t c0 = 0; c0 < C; c0 += kBwdChunk) {
+        const int64_t n = std::min(kBwdChunk, C - c0);
+        load_to_float<scalar_t>(xf, xp + c0, n);
+        const acc_t* __restrict Ac = A + c0;
+        const acc_t* __restrict Sc = S + c0;
+        const acc_t* __restrict Mc = M + c0;
+        if (patches) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(xp[c]);
-        dp[c] = static_cast<scalar_t>(A[c] + S[c] * (v - M[c]));
+          for (int64_t c = 0; c < n; ++c) {
+            const float v = xf[c];
+            rf[c] = (Ac[c] + pp) + Sc[c] * (v - Mc[c]) + q * (v - pm);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) rf[c] = Ac[c] + Sc[c] * (xf[c] - Mc[c]);
+        }
+        store_from_float<scalar_t>(dp + c0, rf, n);
       }
     }
   }

@@ -112,6 +112,45 @@ def densify_loss(images: Tensor, labels: Tensor, tau: float = 4.0, pool: int = 3
     return kl_from_eigenvalues(lam, valid, tau)
 
 
+def densify_loss_and_grad(images: Tensor, labels: Tensor, tau: float = 4.0, pool: int = 32) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d images) without autograd, batched over the classes: one padded
+    ``torch.linalg.eigh`` (eigenvectors too), dλ = softmax(λ) − softmax(λ/τ) on the valid entries
+    (0 on the padding), dG = V diag(dλ) Vᵀ, dX̂ = 2 dG X̂, then the adaptive-pooling backward. Used by
+    the op's reference backend (custom-op implementations run below autograd)."""
+    check_inputs(images, labels, tau, pool)
+    if images.shape[0] == 0:
+        return images.new_zeros(()), torch.zeros_like(images)
+    x = pooled_features(images, pool)
+    layout = class_layout(labels.to(images.device))
+    gram, valid = padded_grams(x, layout)
+    diag = gram.diagonal(dim1=1, dim2=2)
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError("densify_loss: images contain NaN or Inf (a class Gram matrix is not finite)")
+    n_max = gram.shape[-1]
+    shift = 1.0 + diag.sum(-1)
+    gram = gram - torch.diag_embed((~valid) * shift[:, None])
+    lam, vecs = torch.linalg.eigh(gram)
+    keep = torch.arange(n_max, device=x.device)[None, :] >= (n_max - layout.counts)[:, None]
+    lam_m = lam.masked_fill(~keep, float("-inf"))
+    log_q = lam - torch.logsumexp(lam_m, dim=-1, keepdim=True)
+    log_p = lam / tau - torch.logsumexp(lam_m / tau, dim=-1, keepdim=True)
+    p = log_p.exp()
+    loss = torch.where(keep, p * (log_p - log_q), torch.zeros_like(p)).sum()
+    dlam = torch.where(keep, log_q.exp() - p, torch.zeros_like(p))
+    dgram = (vecs * dlam[:, None, :]) @ vecs.transpose(1, 2)
+    xp = x.new_zeros(gram.shape[0], n_max, x.shape[1]).index_put((layout.class_of, layout.slot), x[layout.order])
+    dxp = 2.0 * dgram @ xp
+    dx = torch.empty_like(x)
+    dx[layout.order] = dxp[layout.class_of, layout.slot]
+    h, w = images.shape[-2:]
+    dx4 = dx.view(images.shape[0], images.shape[1], pool, pool)
+    if (h, w) == (pool, pool):
+        grad = dx4.clone()
+    else:
+        grad = torch.ops.aten._adaptive_avg_pool2d_backward(dx4, images)
+    return loss, grad
+
+
 def closed_form_grad(images: Tensor, labels: Tensor, tau: float = 4.0, pool: int = 32) -> Tensor:
     """d loss / d images from the closed form (per class, float64 eigh): dλ = softmax(λ) −
     softmax(λ/τ), dG = V diag(dλ) Vᵀ, dX̂ = 2 dG X̂, then the pooling backward."""
