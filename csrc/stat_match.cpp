@@ -757,25 +757,25 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
         // the first tile's provisional mean, sums in double) and the streaming Chan merge of the
         // tiles into the group's patch partials.
         const acc_t shift = tm[0];
-        double s1 = 0.0, s2 = 0.0, sv = 0.0;
+        double ps1 = 0.0, ps2 = 0.0, psv = 0.0;
         double* __restrict gmu = gmean + g * T;
         double* __restrict gvu = gm2 + g * T;
         const int64_t j = u - u0;
         const double r = 1.0 / double(j + 1), wgt = tn * double(j) * r;
-#pragma omp simd reduction(+ : s1, s2, sv)
+#pragma omp simd reduction(+ : ps1, ps2, psv)
         for (int64_t t = 0; t < T; ++t) {
           const double d = double(tm[t] - shift) + double(tc[t]);
           const double v = double(tv[t]);
-          s1 += d;
-          s2 += d * d;
-          sv += v;
+          ps1 += d;
+          ps2 += d * d;
+          psv += v;
           const double mt = double(tm[t]) + double(tc[t]);
           const double dg = j == 0 ? 0.0 : mt - gmu[t];
           gmu[t] = j == 0 ? mt : gmu[t] + dg * r;
           gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
         }
-        umean[u] = double(shift) + s1 / double(T);
-        um2[u] = sv + tn * nonneg(s2 - s1 * s1 / double(T));
+        umean[u] = double(shift) + ps1 / double(T);
+        um2[u] = psv + tn * nonneg(ps2 - ps1 * ps1 / double(T));
       }
     }
   }

@@ -1,5 +1,7 @@
 """K1 (fused channel + patch statistics, EMA-SDS matching): every backend vs the float64
 reference, gradients, the segment contract, StatMatcher vs the official-style hooks."""
+import zlib
+
 import pytest
 import torch
 
@@ -65,14 +67,14 @@ def _compare(backend, shape, dtype, tol, layout, seed, offset=0.0, scale=1.0):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_backend_matches_float64_reference(backend, shape, dtype, tol, layout):
-    _compare(backend, shape, dtype, tol, layout, seed=hash((shape, str(dtype), layout)) % 2**31)
+    _compare(backend, shape, dtype, tol, layout, seed=zlib.crc32(repr((shape, dtype, layout)).encode()))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype, tol", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_triton_backend_under_interpreter_matches_float64_reference(shape, dtype, tol, layout):
-    _compare("triton", shape, dtype, tol, layout, seed=hash((shape, str(dtype), layout)) % 2**31)
+    _compare("triton", shape, dtype, tol, layout, seed=zlib.crc32(repr((shape, dtype, layout)).encode()))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

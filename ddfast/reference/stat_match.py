@@ -25,7 +25,8 @@ def resize_to_patch_multiple(x: torch.Tensor, patch: int | None) -> torch.Tensor
     target = (math.ceil(h / patch) * patch, math.ceil(w / patch) * patch)
     if target == (h, w):
         return x
-    return F.interpolate(x, size=target, mode="bilinear")
+    # Interpolate in the statistics' precision: a half-precision resize would round every pixel.
+    return F.interpolate(x.to(compute_dtype(x)), size=target, mode="bilinear")
 
 
 def patch_view(x: torch.Tensor, patch: int) -> torch.Tensor:
