@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=backend.BACKENDS, default=None, help="force a kernel backend (default: by device)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
+    parser.add_argument(
+        "--no-baseline", action="store_true",
+        help="do not evaluate the random real subset labelled by the same teachers (methods with soft labels "
+        "evaluate it under the same protocol by default and save it as OUT/random-baseline.pt)",
+    )
     evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
     add_protocol_arguments(evaluation, prefix="eval-")
     for module in dict.fromkeys(METHODS.values()):  # gvbsm and sre2l share one module and its options
@@ -80,20 +85,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     io.save(out / "distilled.pt", result.images, result.labels, result.soft_labels, meta)
     io.save_grid(out / "grid.png", result.images, result.labels, dataset.mean, dataset.std, dataset.num_classes)
+    if result.baseline is not None:
+        io.save(out / "random-baseline.pt", result.baseline.images, result.baseline.labels, result.baseline.soft_labels,
+                {**meta, "method": "random", "labelled_by": args.method})
+    stats = dict(result.stats)
+    recover_peak = stats.pop("recover_peak_mem_mb", None)
     report: dict[str, Any] = {
         "method": args.method, "dataset": dataset.name, "ipc": args.ipc, "seed": args.seed, "config": config,
         "seconds_distill": seconds,
-        "seconds_per_iteration": result.stats.get("seconds_per_iteration"),
-        "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **{k: v for k, v in result.stats.items() if k != "seconds_per_iteration"},
+        "seconds_per_iteration": stats.pop("seconds_per_iteration", None),
+        # Peak extra resident memory of the recover stage (what --segment bounds) where the method
+        # has one; otherwise the process's peak RSS.
+        "peak_mem_mb": recover_peak,
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **stats,
     }
+    if report["peak_mem_mb"] is None:
+        report["peak_mem_mb"] = report["process_peak_rss_mb"]
     if not args.no_eval:
-        evaluation = evaluate_synset(
-            result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed,
-            **protocol_kwargs(args, "eval-", result.soft_labels is not None),
-        )
+        protocol = protocol_kwargs(args, "eval-", result.soft_labels is not None)
+        evaluation = evaluate_synset(result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed, **protocol)
         report.update(evaluation)
-        print(format_table([{"method": args.method, "ipc": args.ipc, **evaluation}]))
+        rows = [{"method": args.method, "ipc": args.ipc, **evaluation,
+                 "seconds_per_iteration": report["seconds_per_iteration"], "peak_mem_mb": report["peak_mem_mb"]}]
+        if result.baseline is not None and not args.no_baseline:
+            base = result.baseline
+            report["baseline"] = evaluate_synset(base.images, base.labels, dataset, soft_labels=base.soft_labels, seed=args.seed, **protocol)
+            rows.append({"method": "random (same teachers)", "ipc": args.ipc, **report["baseline"]})
+        print(format_table(rows))
         print("accuracies: " + ", ".join(f"{a:.2f}" for a in evaluation["accs"]))
     atomic_write_text(json.dumps(report, indent=2), out / "report.json")
     print(f"wrote {out}/distilled.pt, {out}/grid.png, {out}/report.json")

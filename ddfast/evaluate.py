@@ -108,12 +108,17 @@ def protocol_summary(protocol: dict[str, Any]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows with ``method``, ``ipc`` and an evaluation result -> an aligned text table."""
+    """Rows with ``method``, ``ipc`` and an evaluation result -> an aligned text table. Rows may
+    carry ``seconds_per_iteration`` and ``peak_mem_mb`` (the distillation's cost), shown when any does."""
     header = ("method", "IPC", "protocol", "accuracy (%)")
     body = [
         (str(r["method"]), str(r["ipc"]), protocol_summary(r["protocol"]), f"{r['mean']:.2f} ± {r['std']:.2f}")
         for r in rows
     ]
+    for key, title, fmt in (("seconds_per_iteration", "s/iteration", "{:.3f}"), ("peak_mem_mb", "peak mem (MB)", "{:.0f}")):
+        if any(r.get(key) is not None for r in rows):
+            header = (*header, title)
+            body = [(*row, "-" if r.get(key) is None else fmt.format(r[key])) for row, r in zip(body, rows)]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths))  # noqa: E731
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, body)])

@@ -106,8 +106,10 @@ def fit(
         gen.set_state(resume["generator"])
         start = resume["epoch"]
     n = images.shape[0]
-    bar = progress(range(start, config.passes), desc=desc, initial=start, total=config.passes)
-    for epoch in bar:
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    # One tick per optimiser step, so a long epoch (teacher training) still shows movement.
+    bar = progress(total=config.passes * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, unit="step")
+    for epoch in range(start, config.passes):
         lr = config.lr_at(epoch)
         if config.schedule == "step" and epoch == config.epochs // 2 + 2:
             # DC re-creates the optimiser at the decay, dropping the momentum buffers.
@@ -129,9 +131,11 @@ def fit(
             total += len(idx)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(idx)
-        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}", lr=f"{lr:.3g}")
+            bar.update()
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}", lr=f"{lr:.3g}")
         if checkpoint is not None:
             checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "epoch": epoch + 1})
+    bar.close()
 
 
 @torch.no_grad()
@@ -144,8 +148,16 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / images.shape[0]
 
 
-def teacher_path(dataset: str, model: str, width: int | None, epochs: int, seed: int) -> Path:
-    return cache_dir() / "teachers" / dataset / f"{model}-w{width or 'default'}-e{epochs}-s{seed}.pt"
+def teacher_path(dataset: str, model: str, width: int | None, epochs: int, seed: int, subset: int = 0) -> Path:
+    name = f"{model}-w{width or 'default'}-e{epochs}-s{seed}" + (f"-n{subset}" if subset else "")
+    return cache_dir() / "teachers" / dataset / f"{name}.pt"
+
+
+def random_subset(n: int, size: int, seed: int = 0) -> torch.Tensor | None:
+    """Indices of a fixed random subset of ``size`` out of ``n`` items (None when it is all of them)."""
+    if size <= 0 or size >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
 def get_teacher(
@@ -156,10 +168,13 @@ def get_teacher(
     seed: int = 0,
     lr: float = 0.01,
     batch_size: int = 256,
+    train_images: int = 0,
 ) -> tuple[nn.Module, float]:
     """Train (or load from the cache) a teacher; returns the model in eval mode and its test accuracy.
-    Recipe: SGD momentum 0.9, wd 5e-4, cosine lr, random crop (pad 4) + flip."""
-    path = teacher_path(dataset.name, model_name, width, epochs, seed)
+    Recipe: SGD momentum 0.9, wd 5e-4, cosine lr, random crop (pad 4) + flip. ``train_images > 0``
+    trains on a fixed random subset of that many training images (quick CPU teachers)."""
+    subset = random_subset(len(dataset.train_images), train_images)
+    path = teacher_path(dataset.name, model_name, width, epochs, seed, 0 if subset is None else len(subset))
     seed_everything(seed)
     model = models.create(model_name, dataset.channels, dataset.num_classes, dataset.image_size, width=width)
     if path.is_file():
@@ -171,10 +186,13 @@ def get_teacher(
     resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="cosine", augment="crop_flip")
     gen = torch.Generator().manual_seed(seed)
+    images, labels = dataset.train_images, dataset.train_labels
+    if subset is not None:
+        images, labels = images[subset], labels[subset]
     fit(
         model,
-        dataset.normalize(dataset.train_images),
-        dataset.train_labels,
+        dataset.normalize(images),
+        labels,
         config,
         generator=gen,
         desc=f"teacher {model_name} on {dataset.name}",
@@ -198,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine schedule (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed; part of the cache key (default 0)")
+    parser.add_argument("--train-images", type=int, default=0, help="train on a fixed random subset of this many images (default 0 = all)")
     args = parser.parse_args(argv)
     try:
         dataset = data.load(args.dataset, args.data_dir)
         start = time.time()
-        _, acc = get_teacher(dataset, args.model, args.width, args.epochs, args.seed, args.lr, args.batch_size)
+        _, acc = get_teacher(dataset, args.model, args.width, args.epochs, args.seed, args.lr, args.batch_size, args.train_images)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.model} on {dataset.name}: test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)")
-    print(f"checkpoint: {teacher_path(dataset.name, args.model, args.width, args.epochs, args.seed)}")
+    subset = random_subset(len(dataset.train_images), args.train_images)
+    print(f"checkpoint: {teacher_path(dataset.name, args.model, args.width, args.epochs, args.seed, 0 if subset is None else len(subset))}")
     return 0
 
 

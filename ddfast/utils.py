@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import struct
@@ -57,6 +58,44 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     return tqdm(iterable, **kwargs)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak extra resident memory (MB) of the code inside ``with PeakMemory() as peak:``.
+
+    CPU: the rise of the RSS high-water mark (reset through /proc/self/clear_refs) over the RSS at
+    entry; CUDA: ``max_memory_allocated`` over the allocation at entry. ``peak.mb`` is None where
+    neither is available (no /proc)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.cuda = device.startswith("cuda")
+        self.mb: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._base = _status_kb("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        elif self._base is not None:
+            self.mb = max(0, _status_kb("VmHWM") - self._base) / 1024
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import gc
 import json
 import os
 import platform
@@ -17,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ddfast.utils import PeakMemory
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("kernel", "provider", "mode", "shape", "metric", "unit", "p50", "p20", "p80", "device", "commit")
@@ -58,26 +59,11 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20, min_secon
     return q[0], q[1], q[2]
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_mem_mb(fn: Callable[[], object]) -> float:
-    """Peak extra memory of one call, in MB: CUDA max_memory_allocated on GPU; on CPU the rise of
-    the resident-set high-water mark (reset through /proc/self/clear_refs) over the resting RSS."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """Peak extra memory of one call, in MB (see :class:`ddfast.utils.PeakMemory`)."""
+    with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as peak:
         fn()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status_kb("VmRSS")
-    fn()
-    return max(0, _status_kb("VmHWM") - base) / 1024
+    return peak.mb
 
 
 def copy_bandwidth_gbs(nbytes: int) -> float:

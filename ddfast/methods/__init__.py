@@ -14,3 +14,6 @@ class DistillResult:
     labels: torch.Tensor  # int64 [N]
     soft_labels: torch.Tensor | None = None  # teacher logits [N, classes]
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # timings etc. for report.json
+    # The random real subset of the same IPC, labelled the way this method labels (same teachers):
+    # the baseline "under the same protocol", evaluated and saved beside the distilled set.
+    baseline: DistillResult | None = None

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,13 @@ import torch.nn.functional as F
 
 from ddfast import backend, data, models
 from ddfast.methods import DistillResult
+from ddfast.methods.random import select as class_balanced_subset
 from ddfast.ops import densify_loss
 from ddfast.reference.densify_official import densify_loss_official
 from ddfast.reference.stat_match_official import OfficialBNHook, OfficialConvHook, official_loss
 from ddfast.stat_matcher import StatMatcher, model_key
-from ddfast.train import get_teacher
-from ddfast.utils import atomic_torch_save, cache_dir, progress
+from ddfast.train import get_teacher, random_subset
+from ddfast.utils import PeakMemory, atomic_torch_save, cache_dir, progress
 
 NAMES = ("gvbsm", "sre2l")
 
@@ -38,15 +40,16 @@ NAMES = ("gvbsm", "sre2l")
 # "paper" is the G-VBSM small-dataset pool at its standard widths.
 POOLS = {
     "gvbsm": {
-        "default": {"convnet": 32, "resnet18": 16, "mobilenetv2": 16, "wrn-16-2": 8, "shufflenetv2": 24},
+        "default": {"convnet": 32, "resnet18": 8, "mobilenetv2": 8, "wrn-16-2": 4, "shufflenetv2": 12},
         "paper": {"convnet": 128, "resnet18": 64, "mobilenetv2": 16, "wrn-16-2": 16, "shufflenetv2": 48},
     },
-    "sre2l": {"default": {"resnet18": 16}, "paper": {"resnet18": 64}},
+    "sre2l": {"default": {"resnet18": 8}, "paper": {"resnet18": 64}},
 }
 PRESETS = {
-    # iterations, batch size, teacher epochs
-    "default": {"iterations": 100, "batch_size": 100, "teacher_epochs": 1},
-    "paper": {"iterations": 1000, "batch_size": 100, "teacher_epochs": 5},
+    # teacher_images / stats_images: training images the teachers are trained on and the global
+    # conv statistics are collected over (fixed random subsets; 0 = all)
+    "default": {"iterations": 100, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000},
+    "paper": {"iterations": 1000, "batch_size": 100, "teacher_epochs": 5, "teacher_images": 0, "stats_images": 0},
 }
 
 
@@ -58,6 +61,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batch-size", type=int, default=None, help="synthetic images per recover batch (default from --preset)")
     group.add_argument("--backbones", default=None, help="comma-separated backbone pool, name or name:width (default from --preset)")
     group.add_argument("--teacher-epochs", type=int, default=None, help="epochs to train each backbone (default from --preset; cached)")
+    group.add_argument("--teacher-images", type=int, default=None,
+                       help="train each backbone on a fixed random subset of this many training images, 0 = all "
+                       "(default from --preset: 20000 for default, all for paper)")
     group.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the images (0.05 small datasets, 0.1 ImageNet)")
     group.add_argument("--betas", default="0.5,0.9", help="Adam betas (official: 0.5,0.9)")
     group.add_argument("--jitter", type=int, default=4, help="max torch.roll shift in pixels (4 as SRe2L CIFAR)")
@@ -70,6 +76,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--patch-size", type=int, default=4, help="patch size of the conv patch statistics (4; 16 for ImageNet)")
     group.add_argument("--stats", choices=("exact", "compat"), default="exact",
                        help="global conv statistics: exact float64 dataset moments, or compat = official per-batch variance averaging")
+    group.add_argument("--stats-images", type=int, default=None,
+                       help="collect the conv statistics over this many training images drawn at random, 0 = all "
+                       "(default from --preset: 10000 for default, all for paper)")
+    group.add_argument("--ema-init", choices=("first", "zero"), default="first",
+                       help="start each statistic's EMA from the first batch statistic (default, unbiased) or from 0 "
+                       "(the official code; --backend reference always starts from 0)")
     group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
 
 
@@ -81,6 +93,7 @@ class Config:
     batch_size: int
     backbones: dict[str, int]
     teacher_epochs: int
+    teacher_images: int
     lr: float
     betas: tuple[float, float]
     jitter: int
@@ -92,6 +105,8 @@ class Config:
     tau: float
     patch_size: int
     stats: str
+    stats_images: int
+    ema_init: str
     logit_norm: bool
     segment: int
     reference: bool
@@ -121,6 +136,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         batch_size=preset["batch_size"] if args.batch_size is None else args.batch_size,
         backbones=backbones,
         teacher_epochs=preset["teacher_epochs"] if args.teacher_epochs is None else args.teacher_epochs,
+        teacher_images=preset["teacher_images"] if args.teacher_images is None else args.teacher_images,
         lr=args.lr,
         betas=betas,
         jitter=args.jitter,
@@ -132,6 +148,8 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         tau=args.tau,
         patch_size=args.patch_size,
         stats=args.stats,
+        stats_images=preset["stats_images"] if args.stats_images is None else args.stats_images,
+        ema_init="zero" if args.backend == "reference" else args.ema_init,
         logit_norm=args.logit_norm,
         segment=args.segment,
         reference=args.backend == "reference",
@@ -141,6 +159,10 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         raise ValueError(f"--iterations must be >= 1, got {config.iterations}")
     if len(betas) != 2:
         raise ValueError(f"--betas needs two numbers, got {args.betas!r}")
+    if config.teacher_images < 0:
+        raise ValueError(f"--teacher-images must be >= 0 (0 = all), got {config.teacher_images}")
+    if config.stats_images < 0:
+        raise ValueError(f"--stats-images must be >= 0 (0 = all), got {config.stats_images}")
     if config.teacher_epochs < 1:
         raise ValueError(f"--teacher-epochs must be >= 1, got {config.teacher_epochs}")
     if config.batch_size < 1:
@@ -172,42 +194,50 @@ class Backbone:
 
 
 def _conv_stats(model: nn.Module, matcher: StatMatcher, dataset: data.Dataset, config: Config) -> None:
-    path = cache_dir() / "stats" / dataset.name / f"{model.ddfast_name}-{model_key(model)}-p{config.patch_size}-{config.stats}.pt"
+    subset = random_subset(len(dataset.train_images), config.stats_images)  # the same for every run and backbone
+    name = f"{model.ddfast_name}-{model_key(model)}-p{config.patch_size}-{config.stats}" + ("" if subset is None else f"-n{len(subset)}")
+    path = cache_dir() / "stats" / dataset.name / f"{name}.pt"
     if path.is_file():
         matcher.load_conv_stats(path)
         return
-    images = dataset.normalize(dataset.train_images)
+    images = dataset.normalize(dataset.train_images if subset is None else dataset.train_images[subset])
     batches = progress([images[i : i + 500] for i in range(0, len(images), 500)], desc=f"statistics {model.ddfast_name}")
     matcher.collect_conv_stats(batches, exact=config.stats == "exact")
     matcher.save_conv_stats(path)
 
 
+def attach(name: str, model: nn.Module, config: Config, conv_stats: Callable[[StatMatcher], None]) -> Backbone:
+    """Freeze a trained backbone and attach the matching ``config`` asks for; ``conv_stats`` fills
+    the matcher's global conv statistics (gvbsm only)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    match_conv = config.method == "gvbsm"
+    matcher = StatMatcher(
+        model, patch_size=config.patch_size, alpha=config.alpha, drop_rate=config.drop_rate,
+        first_multiplier=config.first_multiplier, match_bn=has_bn, match_conv=match_conv, ema_init=config.ema_init,
+    )
+    if match_conv:
+        conv_stats(matcher)
+    official_bn, official_conv = [], []
+    if config.reference:  # the official-style hooks replace the fused matcher
+        official_bn = [OfficialBNHook(m, config.alpha) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if match_conv:
+            official_conv = [
+                OfficialConvHook(m, tuple(matcher.conv_targets[n]), config.patch_size, config.alpha)
+                for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            ]
+        matcher.remove()
+        matcher = None
+    return Backbone(name, model, matcher, official_bn, official_conv)
+
+
 def build_backbones(dataset: data.Dataset, config: Config) -> list[Backbone]:
     pool = []
     for name, width in config.backbones.items():
-        model, acc = get_teacher(dataset, name, width, config.teacher_epochs, seed=0)
-        print(f"backbone {name} (width {width or 'default'}): test accuracy {acc:.2f}%")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        match_conv = config.method == "gvbsm"
-        matcher = StatMatcher(
-            model, patch_size=config.patch_size, alpha=config.alpha, drop_rate=config.drop_rate,
-            first_multiplier=config.first_multiplier, match_bn=has_bn, match_conv=match_conv,
-        )
-        if match_conv:
-            _conv_stats(model, matcher, dataset, config)
-        official_bn, official_conv = [], []
-        if config.reference:  # the official-style hooks replace the fused matcher
-            official_bn = [OfficialBNHook(m, config.alpha) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-            if match_conv:
-                official_conv = [
-                    OfficialConvHook(m, tuple(matcher.conv_targets[n]), config.patch_size, config.alpha)
-                    for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
-                ]
-            matcher.remove()
-            matcher = None
-        pool.append(Backbone(name, model, matcher, official_bn, official_conv))
+        model, acc = get_teacher(dataset, name, width, config.teacher_epochs, seed=0, train_images=config.teacher_images)
+        print(f"backbone {name} (width {width or 'default'}): test accuracy {acc:.2f}%", flush=True)
+        pool.append(attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config)))
     return pool
 
 
@@ -355,8 +385,20 @@ def relabel(pool: list[Backbone], images: torch.Tensor, logit_norm: bool) -> tor
     return torch.stack(outs).mean(0)
 
 
+def _describe(config: Config, preset: str) -> str:
+    pool = ", ".join(f"{n}:{w}" if w else n for n, w in config.backbones.items())
+    subset = lambda n: f"{n} images" if n else "all images"  # noqa: E731
+    return (
+        f"{config.method} ({preset} preset): pool [{pool}], teachers {config.teacher_epochs} epoch(s) on "
+        f"{subset(config.teacher_images)}, "
+        f"{config.iterations} iterations x batch {config.batch_size}, conv statistics over {subset(config.stats_images)}, "
+        f"segment {config.segment or 'off'}, {'official-style reference' if config.reference else 'fused'} kernels"
+    )
+
+
 def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset.num_classes)
+    print(_describe(config, args.preset))
     out = Path(args.out_dir)
     # Statistics collection is preprocessing (cached): it always uses the fused ops.
     with backend.use_backend(None if config.reference else args.backend):
@@ -370,27 +412,33 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         timing = {"network": 0.0, "statistics": 0.0, "densify": 0.0}
         images, labels = [], []
         iterations_run, start = 0, time.time()
-        for b, classes in enumerate(batches):
-            y = torch.tensor(classes).repeat_interleave(config.ipc)
-            ckpt = out / "checkpoint" / f"batch{b:04d}.pt"
-            if ckpt.is_file():  # finished by an earlier, interrupted run with the same arguments
-                blob = torch.load(ckpt, weights_only=True)
-                if blob["config"] != dataclasses.asdict(config):
-                    raise ValueError(f"{ckpt} was written with different arguments; remove {ckpt.parent} or change --out")
-                x = blob["images"]
-            else:
-                x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}")
-                atomic_torch_save({"images": x, "config": dataclasses.asdict(config)}, ckpt)
-                iterations_run += config.iterations
-            images.append(x)
-            labels.append(y)
+        with PeakMemory() as peak:
+            for b, classes in enumerate(batches):
+                y = torch.tensor(classes).repeat_interleave(config.ipc)
+                ckpt = out / "checkpoint" / f"batch{b:04d}.pt"
+                if ckpt.is_file():  # finished by an earlier, interrupted run with the same arguments
+                    blob = torch.load(ckpt, weights_only=True)
+                    if blob["config"] != dataclasses.asdict(config):
+                        raise ValueError(f"{ckpt} was written with different arguments; remove {ckpt.parent} or change --out")
+                    x = blob["images"]
+                else:
+                    x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}")
+                    atomic_torch_save({"images": x, "config": dataclasses.asdict(config)}, ckpt)
+                    iterations_run += config.iterations
+                images.append(x)
+                labels.append(y)
         recover_seconds = time.time() - start
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         soft = relabel(pool, images_t, config.logit_norm)
+        # The random real subset relabelled by the same pool: the baseline under the same protocol.
+        idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, config.ipc, config.seed)
+        real = dataset.normalize(dataset.train_images[idx])
+        baseline = DistillResult(images=real, labels=dataset.train_labels[idx].clone(), soft_labels=relabel(pool, real, config.logit_norm))
     stats: dict[str, Any] = {
         "seconds_per_iteration": recover_seconds / iterations_run if iterations_run else None,
         "recover_seconds": recover_seconds,
+        "recover_peak_mem_mb": peak.mb if iterations_run else None,
         "time_split_seconds": timing,
         "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
     }
-    return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats)
+    return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats, baseline=baseline)

@@ -1,0 +1,109 @@
+"""G-VBSM recover iterations, measured side by side in one run.
+
+* speed: seconds per recover iteration over the default backbone pool with ddfast's fused kernels
+  vs ``--backend reference`` (official-style hooks + official densification loop), and the split
+  of that time into network forward/backward, statistic matching and densification, measured by
+  ablation (network alone; + statistic matching; + densification);
+* memory: peak extra memory of one recover iteration of ResNet-18 (width 64, batch 100) with
+  ``--segment 25`` vs the whole batch.
+
+Weights are freshly initialised (time and memory do not depend on them) and the conv targets are
+statistics of random images, so no teacher training is needed; shapes are Fashion-MNIST's.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench import peak_mem_mb, record
+from ddfast import models
+from ddfast.backend import use_backend
+from ddfast.distill import build_parser
+from ddfast.methods import gvbsm
+
+CLASSES, IPC, SHAPE = 10, 10, (1, 28, 28)
+
+
+def _config(*extra: str) -> gvbsm.Config:
+    args = build_parser().parse_args(["--method", "gvbsm", "--ipc", str(IPC), "--batch-size", str(CLASSES * IPC), *extra])
+    return gvbsm.resolve_config(args, CLASSES)
+
+
+def _pool(config: gvbsm.Config, match: bool = True) -> list[gvbsm.Backbone]:
+    torch.manual_seed(0)
+    pool = []
+    for name, width in config.backbones.items():
+        model = models.create(name, SHAPE[0], CLASSES, SHAPE[1:], width=width).eval()
+        targets = [torch.randn(200, *SHAPE)]
+        if match:
+            pool.append(gvbsm.attach(name, model, config, lambda m, t=targets: m.collect_conv_stats(t)))
+        else:  # the bare network: no matcher, no hooks
+            for p in model.parameters():
+                p.requires_grad_(False)
+            pool.append(gvbsm.Backbone(name, model, None, [], []))
+    return pool
+
+
+def _seconds_per_iteration(pool: list[gvbsm.Backbone], config: gvbsm.Config, rounds: int) -> float:
+    labels = torch.arange(CLASSES).repeat_interleave(IPC)
+    lo, hi = torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 3.0)
+    timing = {"network": 0.0, "statistics": 0.0, "densify": 0.0}
+    config.iterations = len(pool)  # warm-up: one iteration per backbone
+    gvbsm.recover_batch(pool, labels, SHAPE, lo, hi, config, 0, timing, "warm-up")
+    config.iterations = rounds * len(pool)
+    start = time.perf_counter()
+    gvbsm.recover_batch(pool, labels, SHAPE, lo, hi, config, 1, timing, "timed")
+    return (time.perf_counter() - start) / config.iterations
+
+
+@pytest.mark.parametrize("provider", ["ddfast", "official"])
+def test_recover_iteration_split(provider: str) -> None:
+    reference = provider == "official"
+    extra = ["--backend", "reference"] if reference else []
+    rounds = 2
+    with use_backend("reference" if reference else None):
+        seconds = {
+            "network": _seconds_per_iteration(_pool(_config(*extra, "--dd-weight", "0"), match=False), _config(*extra, "--dd-weight", "0"), rounds),
+            "with_stat_match": _seconds_per_iteration(_pool(_config(*extra, "--dd-weight", "0")), _config(*extra, "--dd-weight", "0"), rounds),
+            "with_densify": _seconds_per_iteration(_pool(_config(*extra), match=False), _config(*extra), rounds),
+            "total": _seconds_per_iteration(_pool(_config(*extra)), _config(*extra), rounds),
+        }
+    split = {
+        "network": seconds["network"],
+        "stat_match": seconds["with_stat_match"] - seconds["network"],
+        "densify": seconds["with_densify"] - seconds["network"],
+    }
+    shape = f"pool{len(_config().backbones)}-b{CLASSES * IPC}-{'x'.join(map(str, SHAPE))}"
+    record("gvbsm_recover", provider, "fwd_bwd", shape, "time", "ms", (seconds["total"] * 1e3,) * 3)
+    for part, value in split.items():
+        record("gvbsm_recover", provider, "fwd_bwd", shape, f"time_{part}", "ms", (value * 1e3,) * 3)
+    test_recover_iteration_split.results[provider] = seconds["total"]
+    print(
+        f"\ngvbsm recover [{provider}] {shape}: {seconds['total']:.3f} s/iteration = network {split['network']:.3f} "
+        f"+ stat matching {split['stat_match']:.3f} + densify {split['densify']:.3f} (ablation; remainder "
+        f"{seconds['total'] - sum(split.values()):+.3f})"
+    )
+    if len(test_recover_iteration_split.results) == 2:
+        r = test_recover_iteration_split.results
+        print(f"gvbsm recover speed-up: {r['official'] / r['ddfast']:.2f}x vs official-style")
+
+
+test_recover_iteration_split.results = {}
+
+
+def test_segment_bounds_recover_memory() -> None:
+    labels = torch.arange(CLASSES).repeat_interleave(IPC)
+    lo, hi = torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 3.0)
+    peaks = {}
+    for segment in (0, 25):
+        config = _config("--backbones", "resnet18:64", "--segment", str(segment), "--iterations", "1")
+        pool = _pool(config)
+        timing = {"network": 0.0, "statistics": 0.0, "densify": 0.0}
+        gvbsm.recover_batch(pool, labels, SHAPE, lo, hi, config, 0, timing, "warm-up")
+        peaks[segment] = peak_mem_mb(lambda: gvbsm.recover_batch(pool, labels, SHAPE, lo, hi, config, 0, timing, "measured"))
+        record("gvbsm_recover", "ddfast", "fwd_bwd", f"resnet18w64-b100-seg{segment or 'off'}", "peak_mem", "MB", (peaks[segment],) * 3)
+    ratio = peaks[25] / peaks[0]
+    print(f"\ngvbsm recover ResNet-18 w64 batch 100: peak {peaks[0]:.0f} MB whole batch, {peaks[25]:.0f} MB with --segment 25 ({ratio:.0%})")
+    assert ratio <= 0.5, f"--segment 25 should at most halve the recover peak, got {ratio:.0%}"
