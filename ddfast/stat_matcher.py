@@ -199,8 +199,13 @@ class StatMatcher:
         """Σ weight·ℓ over the layers matched in the last forward pass (0 if none)."""
         terms = [layer.weight * layer.loss for layer in self.layers if layer.loss is not None]
         if not terms:
+            if self._all_dropped():  # a legal draw (e.g. a BN-free ConvNet with every conv dropped)
+                return torch.zeros(())
             raise RuntimeError("no matched layer ran: call the model (in 'full' mode) before loss()")
         return torch.stack(terms).sum()
+
+    def _all_dropped(self) -> bool:
+        return all(layer.dropped for layer in self.layers)
 
     def layer_losses(self) -> dict[str, float]:
         return {layer.name: float(layer.loss.detach()) for layer in self.layers if layer.loss is not None}
@@ -238,6 +243,8 @@ class StatMatcher:
             layer.loss = (loss / layer.weight).detach().float()
             total = loss.detach() if total is None else total + loss.detach()
         if total is None:
+            if self._all_dropped():
+                return torch.zeros(())
             raise RuntimeError("finish_accumulation called but no layer accumulated statistics")
         return total.float()
 
@@ -253,6 +260,8 @@ class StatMatcher:
         for layer in self.layers:
             layer.surrogates = []
         if not terms:
+            if self._all_dropped():
+                return torch.zeros(())
             raise RuntimeError("no surrogate recorded: run the segment forward inside injecting() after finish_accumulation()")
         return torch.stack(terms).sum()
 

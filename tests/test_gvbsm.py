@@ -1,5 +1,10 @@
 """G-VBSM / SRe2L pipeline: exact --segment mode, the official-style reference backend, resume
 after an interruption, and argument checks — on the small synthetic dataset."""
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -76,6 +81,25 @@ def test_interrupted_run_resumes_to_the_same_images(tmp_path, monkeypatch):
     monkeypatch.setattr(gvbsm, "recover_batch", real)
     resumed = _run(tmp_path, "killed", "--ipc", "2", "--batch-size", "4")
     assert torch.equal(resumed["images"], reference["images"])
+
+
+def test_sigkill_during_recover_resumes_to_the_same_images(tmp_path):
+    # A real kill: the run is a separate process, SIGKILLed once its first batch is checkpointed.
+    extra = ["--ipc", "2", "--batch-size", "4", "--iterations", "40"]
+    whole = _run(tmp_path, "uninterrupted", *extra)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "gvbsm", *BASE, *extra, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "batch0000.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (out / "checkpoint").glob("batch*.pt"))
+    assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 5, (proc.returncode, done)
+    assert not (out / "distilled.pt").exists()
+    resumed = _run(tmp_path, "killed", *extra)
+    assert torch.equal(resumed["images"], whole["images"])
 
 
 def test_sre2l_matches_bn_only(tmp_path):

@@ -260,3 +260,25 @@ def test_matcher_errors():
     sre2l = StatMatcher(net, match_conv=False, alpha=0.0)  # SRe2L: BN only, no conv statistics needed
     net(torch.randn(2, 3, 16, 16))
     assert float(sre2l.loss()) > 0
+
+
+def test_matcher_with_every_layer_dropped_gives_zero_loss():
+    # A BN-free ConvNet (3 conv layers) drops all of them with probability dr³ per iteration.
+    torch.manual_seed(0)
+    net = models.create("convnet", 1, 10, 16, width=8).eval()
+    matcher = StatMatcher(net, drop_rate=0.5)
+    matcher.collect_conv_stats([torch.randn(10, 1, 16, 16)])
+    for layer in matcher.conv_layers:
+        layer.dropped = True
+    x = torch.randn(6, 1, 16, 16, requires_grad=True)
+    net(x)
+    assert float(matcher.loss()) == 0.0
+    with matcher.accumulating():
+        net(x.detach())
+    assert float(matcher.finish_accumulation()) == 0.0
+    with matcher.injecting():
+        net(x)
+        assert float(matcher.surrogate_loss()) == 0.0
+    matcher.draw(torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="no matched layer ran"):
+        StatMatcher(models.create("convnet", 1, 10, 16, width=8), drop_rate=0.5).loss()
