@@ -59,9 +59,10 @@ class TrainConfig:
         # The DC code loops `for ep in range(Epoch + 1)`; keep that so numbers are comparable.
         return self.epochs + 1 if self.schedule == "step" else self.epochs
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at a (fractional) epoch: the step schedule changes per epoch, cosine per step."""
         if self.schedule == "step":
-            return self.lr * (0.1 if epoch > self.epochs // 2 + 1 else 1.0)
+            return self.lr * (0.1 if int(epoch) > self.epochs // 2 + 1 else 1.0)
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
 
 
@@ -119,7 +120,10 @@ def fit(
         model.train()
         order = torch.randperm(n, generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
-        for start_idx in range(0, n, config.batch_size):
+        for step, start_idx in enumerate(range(0, n, config.batch_size)):
+            if config.schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr_at(epoch + step / steps_per_epoch)
             idx = order[start_idx : start_idx + config.batch_size]
             x = _augment(config, images[idx], gen)
             y = labels[idx]
@@ -148,8 +152,16 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / images.shape[0]
 
 
-def teacher_path(dataset: str, model: str, width: int | None, epochs: int, seed: int, subset: int = 0) -> Path:
+TEACHER_LR, TEACHER_BATCH = 0.1, 128
+
+
+def teacher_path(
+    dataset: str, model: str, width: int | None, epochs: int, seed: int, subset: int = 0,
+    lr: float = TEACHER_LR, batch_size: int = TEACHER_BATCH,
+) -> Path:
     name = f"{model}-w{width or 'default'}-e{epochs}-s{seed}" + (f"-n{subset}" if subset else "")
+    if (lr, batch_size) != (TEACHER_LR, TEACHER_BATCH):
+        name += f"-lr{lr:g}-b{batch_size}"
     return cache_dir() / "teachers" / dataset / f"{name}.pt"
 
 
@@ -166,15 +178,15 @@ def get_teacher(
     width: int | None = None,
     epochs: int = 5,
     seed: int = 0,
-    lr: float = 0.01,
-    batch_size: int = 256,
+    lr: float = TEACHER_LR,
+    batch_size: int = TEACHER_BATCH,
     train_images: int = 0,
 ) -> tuple[nn.Module, float]:
     """Train (or load from the cache) a teacher; returns the model in eval mode and its test accuracy.
-    Recipe: SGD momentum 0.9, wd 5e-4, cosine lr, random crop (pad 4) + flip. ``train_images > 0``
+    Recipe: SGD lr 0.1, batch 128, momentum 0.9, wd 5e-4, per-step cosine lr, random crop (pad 4) + flip. ``train_images > 0``
     trains on a fixed random subset of that many training images (quick CPU teachers)."""
     subset = random_subset(len(dataset.train_images), train_images)
-    path = teacher_path(dataset.name, model_name, width, epochs, seed, 0 if subset is None else len(subset))
+    path = teacher_path(dataset.name, model_name, width, epochs, seed, 0 if subset is None else len(subset), lr, batch_size)
     seed_everything(seed)
     model = models.create(model_name, dataset.channels, dataset.num_classes, dataset.image_size, width=width)
     if path.is_file():
@@ -213,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="convnet", help=f"one of {', '.join(models.available())}")
     parser.add_argument("--width", type=int, default=None, help="model width (default: the model's standard width)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine schedule (default 0.01)")
-    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--lr", type=float, default=TEACHER_LR, help=f"SGD learning rate, per-step cosine schedule (default {TEACHER_LR})")
+    parser.add_argument("--batch-size", type=int, default=TEACHER_BATCH, help=f"batch size (default {TEACHER_BATCH})")
     parser.add_argument("--seed", type=int, default=0, help="seed; part of the cache key (default 0)")
     parser.add_argument("--train-images", type=int, default=0, help="train on a fixed random subset of this many images (default 0 = all)")
     args = parser.parse_args(argv)
@@ -227,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.model} on {dataset.name}: test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)")
     subset = random_subset(len(dataset.train_images), args.train_images)
-    print(f"checkpoint: {teacher_path(dataset.name, args.model, args.width, args.epochs, args.seed, 0 if subset is None else len(subset))}")
+    size = 0 if subset is None else len(subset)
+    print(f"checkpoint: {teacher_path(dataset.name, args.model, args.width, args.epochs, args.seed, size, args.lr, args.batch_size)}")
     return 0
 
 

@@ -30,8 +30,9 @@ def test_teacher_is_cached_and_learns(cache):
     ds = data.load("synthetic")
     model, acc = train.get_teacher(ds, "convnet", width=16, epochs=8, seed=0, lr=0.05, batch_size=64)
     assert acc > 60, acc  # 10 classes: chance is 10%
-    path = train.teacher_path("synthetic", "convnet", 16, 8, 0)
+    path = train.teacher_path("synthetic", "convnet", 16, 8, 0, lr=0.05, batch_size=64)
     assert path.is_file() and not path.with_suffix(".partial.pt").exists()
+    assert path != train.teacher_path("synthetic", "convnet", 16, 8, 0)  # the recipe is part of the key
     again, acc2 = train.get_teacher(ds, "convnet", width=16, epochs=8, seed=0, lr=0.05, batch_size=64)
     assert acc2 == acc
     for p, q in zip(model.parameters(), again.parameters()):
@@ -62,6 +63,15 @@ def test_interrupted_teacher_training_resumes_to_the_same_weights(cache, monkeyp
     resumed, _ = train.get_teacher(ds, "convnet", width=8, epochs=4, seed=1)
     for p, q in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_teacher_on_a_training_subset_has_its_own_cache_entry(cache):
+    ds = data.load("synthetic")
+    train.get_teacher(ds, "convnet", width=8, epochs=1, seed=0, train_images=100)
+    assert train.teacher_path("synthetic", "convnet", 8, 1, 0, subset=100).is_file()
+    assert not train.teacher_path("synthetic", "convnet", 8, 1, 0).exists()
+    assert train.random_subset(400, 400) is None and train.random_subset(400, 0) is None
+    assert torch.equal(train.random_subset(400, 100), train.random_subset(400, 100))
 
 
 def test_random_subset_is_class_balanced_and_seeded():
