@@ -226,18 +226,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
       sm_base::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
   });
 
-  const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto oopt = x.options().dtype(out_type).memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor cmean = at::empty({C}, oopt), cm2 = at::empty({C}, oopt);
-  at::Tensor pmean = at::empty({K}, oopt), pm2 = at::empty({K}, oopt);
+  // Statistics leave in float64 whatever x's dtype: the merge already runs in double, and a
+  // whole batch then agrees with its segments merged in float64 to ~1e-16 (the --segment contract).
+  at::Tensor cmean = at::empty({C}, dopt), cm2 = at::empty({C}, dopt);
+  at::Tensor pmean = at::empty({K}, dopt), pm2 = at::empty({K}, dopt);
   const double n_unit = double(H * W);  // elements of one (b, c) pair
-
-  AT_DISPATCH_FLOATING_TYPES(out_type, "stat_match_forward_merge", [&] {
-    sm_base::merge_partials<scalar_t>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, G, n_unit,
-                                      double(unit_count), cmean.data_ptr<scalar_t>(),
-                                      cm2.data_ptr<scalar_t>(), pmean.data_ptr<scalar_t>(),
-                                      pm2.data_ptr<scalar_t>());
-  });
+  sm_base::merge_partials<double>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, G, n_unit, double(unit_count),
+                                  cmean.data_ptr<double>(), cm2.data_ptr<double>(), pmean.data_ptr<double>(),
+                                  pm2.data_ptr<double>());
   return std::make_tuple(cmean, cm2, pmean, pm2);
 }
 
@@ -277,10 +273,12 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
     const double* cm_p = cm.data_ptr<double>();
     const double* gcm_p = gcm.data_ptr<double>();
     const double* gcv_p = gcv.data_ptr<double>();
+    // The kernels form S·(x − M) with M the mean rounded to acc_t; the rounding residual
+    // S·(μ − M) goes into the constant term in double, so a large mean costs no accuracy.
     for (int64_t c = 0; c < C; ++c) {
-      A[c] = static_cast<acc_t>(gcm_p[c] * ic);
-      S[c] = static_cast<acc_t>(2.0 * gcv_p[c] * ic);
       M[c] = static_cast<acc_t>(cm_p[c]);
+      S[c] = static_cast<acc_t>(2.0 * gcv_p[c] * ic);
+      A[c] = static_cast<acc_t>(gcm_p[c] * ic - 2.0 * gcv_p[c] * ic * (cm_p[c] - double(M[c])));
     }
     std::vector<acc_t> P, Q, PM;
     if (patches) {
@@ -295,9 +293,9 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) {
           const int64_t k = (h / patch) * Wp + (w / patch);
-          P[h * W + w] = static_cast<acc_t>(gpm_p[k] * ip);
-          Q[h * W + w] = static_cast<acc_t>(2.0 * gpv_p[k] * ip);
           PM[h * W + w] = static_cast<acc_t>(pm_p[k]);
+          Q[h * W + w] = static_cast<acc_t>(2.0 * gpv_p[k] * ip);
+          P[h * W + w] = static_cast<acc_t>(gpm_p[k] * ip - 2.0 * gpv_p[k] * ip * (pm_p[k] - double(PM[h * W + w])));
         }
       }
     }

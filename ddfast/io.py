@@ -86,3 +86,36 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tenso
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     pixels = images.detach().cpu().float() * std_t + mean_t
     write_png(path, image_grid(pixels, labels.cpu(), num_classes))
+
+
+def compare(a: str | os.PathLike, b: str | os.PathLike) -> dict[str, float]:
+    """How far two distilled sets' images are apart: relative L2 and max absolute difference
+    (e.g. a ``--segment`` run against a whole-batch run). Labels must agree."""
+    first, second = load(a), load(b)
+    if not torch.equal(first["labels"], second["labels"]) or first["images"].shape != second["images"].shape:
+        raise ValueError(f"{a} and {b} hold different label sets or image shapes")
+    diff = second["images"] - first["images"]
+    return {"relative_l2": float(diff.norm() / first["images"].norm()), "max_abs": float(diff.abs().max())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ddfast.io", description="Inspect distilled-set files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp_parser = sub.add_parser("compare", help="relative L2 and max |difference| between two sets' images")
+    cmp_parser.add_argument("a")
+    cmp_parser.add_argument("b")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.a, args.b)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"images: relative L2 difference {result['relative_l2']:.3e}, max |difference| {result['max_abs']:.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

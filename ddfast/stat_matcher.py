@@ -162,6 +162,9 @@ class StatMatcher:
         return self.patch_size if layer.kind == "conv" else None
 
     def _layer_loss(self, layer: _Layer, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # The loss and its EMA state in float64 (a few hundred scalars per layer): ∂ℓ/∂s is the unit
+        # direction (e − g)/‖e − g‖, which fp32 rounding would make noisy as e approaches g.
+        stats = tuple(s.double() for s in stats)
         targets = self._targets(layer, stats[0])
         loss = stats[0].new_zeros(())
         for i, (stat, target) in enumerate(zip(stats, targets)):
@@ -188,7 +191,7 @@ class StatMatcher:
                 if layer.grads is not None:
                     layer.surrogates.append(stat_grad_surrogate(x, layer.sums, layer.grads, self._patch(layer)))
                 return
-            stats = tuple(s for s in moments(x, self._patch(layer)) if s is not None)
+            stats = tuple(s for s in moments(x, self._patch(layer), dtype=torch.float64) if s is not None)
             layer.loss = self._layer_loss(layer, stats)
 
         return hook

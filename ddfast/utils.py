@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import random
@@ -67,6 +68,15 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    # Memory freed earlier (e.g. by teacher training) stays in glibc's heap and would be reused
+    # without raising RSS; hand it back first so the high-water mark measures the code inside.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak extra resident memory (MB) of the code inside ``with PeakMemory() as peak:``.
 
@@ -84,6 +94,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
+            _release_free_heap()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._base = _status_kb("VmRSS")

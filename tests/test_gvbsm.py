@@ -33,8 +33,10 @@ def _run(tmp_path, name, *extra):
 def test_segments_give_the_full_batch_images(tmp_path):
     full = _run(tmp_path, "full")
     seg = _run(tmp_path, "seg", "--segment", "3")
+    # Same arithmetic in the same order (float64 statistics, same gradient accumulation order, no
+    # FMA contraction in the kernels): the segment run follows the whole-batch trajectory exactly.
     rel = (seg["images"] - full["images"]).norm() / full["images"].norm()
-    assert rel < 1e-4, rel
+    assert rel < 1e-6, rel
     assert torch.equal(seg["labels"], full["labels"])
 
 

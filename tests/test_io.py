@@ -75,3 +75,16 @@ def test_grid_png_has_one_row_per_class(tmp_path):
     assert (width, height, depth, color) == (2 + 2 * (8 + 2), 2 + 3 * (8 + 2), 8, 0)
     idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
     assert len(zlib.decompress(idat)) == height * (width + 1)
+
+
+def test_compare_reports_the_image_difference(tmp_path, capsys):
+    images, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
+    io.save(tmp_path / "a.pt", images, labels)
+    io.save(tmp_path / "b.pt", images * 1.01, labels)
+    io.save(tmp_path / "c.pt", images, labels.flip(0))
+    result = io.compare(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert result["relative_l2"] == pytest.approx(0.01, rel=1e-4)
+    assert io.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]) == 0
+    assert "relative L2 difference 1.000e-02" in capsys.readouterr().out
+    assert io.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "c.pt")]) == 2
+    assert "different label sets" in capsys.readouterr().err

@@ -293,8 +293,13 @@ def _step_full(bb: Backbone, xa: torch.Tensor, y: torch.Tensor, config: Config, 
     t2 = time.perf_counter()
     dd = _dd_loss(xa, y, config)
     t3 = time.perf_counter()
-    loss = F.cross_entropy(logits, y) + config.dd_weight * dd + config.r_weight * stat
+    # Densification's gradient first, then the network's, accumulated into x.grad in the order the
+    # segment step uses: floating-point sums in the same order keep the two modes bit-identical.
+    if dd.requires_grad:
+        (config.dd_weight * dd).backward(retain_graph=True)
+    loss = F.cross_entropy(logits, y) + config.r_weight * stat
     loss.backward()
+    loss = loss.detach() + config.dd_weight * dd.detach()
     t4 = time.perf_counter()
     timing["network"] += (t1 - t0) + (t4 - t3)  # backward mixes network and statistic kernels
     timing["statistics"] += t2 - t1

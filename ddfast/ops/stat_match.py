@@ -3,8 +3,10 @@
 Two custom ops carry the work, each dispatched to the reference / cpu (``ddfast._C``) / triton
 backend by :func:`ddfast.backend.select_backend`:
 
-* ``ddfast::stat_match_forward(x, patch)`` -> (channel mean, channel M2, patch mean, patch M2):
-  one read of x. M2 = Σ(x − mean)² so partial results of batch segments merge exactly (Chan).
+* ``ddfast::stat_match_forward(x, patch)`` -> (channel mean, channel M2, patch mean, patch M2) in
+  float64 for every input dtype: one read of x. M2 = Σ(x − mean)² so partial results of batch
+  segments merge exactly (Chan); float64 outputs make a whole batch agree with its merged segments
+  to ~1e-16, which keeps ``--segment`` runs on the whole-batch trajectory.
 * ``ddfast::stat_match_backward(x, ...)`` -> dx = gμc/Nc + gσc·2(x−μc)/Nc + gμp/Np + gσp·2(x−μp)/Np:
   one read of x, one write of dx; counts are explicit so segments use the global counts.
 
@@ -80,19 +82,21 @@ def _backend_for(x: Tensor) -> str:
 
 def _forward_impl(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     name = _backend_for(x)
-    if name == "cpu":
+    if name == "cpu":  # merges in double and returns float64 itself
         return tuple(backend.cpu_extension().stat_match_forward(x, patch))
     if name == "triton":
-        return tuple(_kernels().stat_match_forward(x, patch))
-    return _reference_forward(x, patch)
+        out = _kernels().stat_match_forward(x, patch)
+    else:
+        out = _reference_forward(x, patch)
+    return tuple(t.double() for t in out)
 
 
 def _backward_impl(x: Tensor, *args) -> Tensor:
     name = _backend_for(x)
     if name == "cpu":
         dx = backend.cpu_extension().stat_match_backward(x, *args)
-    elif name == "triton":
-        dx = _kernels().stat_match_backward(x, *args)
+    elif name == "triton":  # the Triton kernels take fp32 vectors
+        dx = _kernels().stat_match_backward(x, *(a.float() if isinstance(a, Tensor) else a for a in args))
     else:
         dx = _reference_backward(x, *args)
     return dx
@@ -116,7 +120,7 @@ def stat_match_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, T
 
 @stat_match_forward.register_fake
 def _(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dtype = ref.compute_dtype(x)
+    dtype = torch.float64
     k = (x.shape[2] // patch) * (x.shape[3] // patch) if patch else 0
     c = x.shape[1]
     return x.new_empty(c, dtype=dtype), x.new_empty(c, dtype=dtype), x.new_empty(k, dtype=dtype), x.new_empty(k, dtype=dtype)
@@ -165,18 +169,21 @@ torch.library.register_autograd("ddfast::stat_match_forward", _forward_backward,
 # ----------------------------------------------------------------------------- functional API
 
 
-def moments(x: Tensor, patch: int | None = None) -> Moments:
+def moments(x: Tensor, patch: int | None = None, dtype: torch.dtype | None = None) -> Moments:
     """Per-channel and per-patch mean and (population) variance of x [B, C, H, W] in one read.
 
     ``patch=None`` (BN layers) gives only the channel pair. Inputs of any float dtype, layout or
-    strides; statistics in fp32 (fp64 for fp64 inputs). Differentiable: the backward writes dx
-    in one pass. When H or W is not a multiple of ``patch``, x is bilinearly resized first."""
+    strides; statistics in fp32 (fp64 for fp64 inputs) unless ``dtype`` asks otherwise (the kernels
+    produce float64; ``dtype=torch.float64`` keeps it, as :class:`ddfast.StatMatcher` does).
+    Differentiable: the backward writes dx in one pass. When H or W is not a multiple of
+    ``patch``, x is bilinearly resized first."""
     xr = ref.resize_to_patch_multiple(x, patch)
     cm, cm2, pm, pm2 = stat_match_forward(xr, patch or 0)
     count_c, count_p = _counts(xr, patch or 0)
+    out = dtype or ref.compute_dtype(x)
     if not patch:
-        return Moments(cm, cm2 / count_c, None, None)
-    return Moments(cm, cm2 / count_c, pm, pm2 / count_p)
+        return Moments(cm.to(out), (cm2 / count_c).to(out), None, None)
+    return Moments(cm.to(out), (cm2 / count_c).to(out), pm.to(out), (pm2 / count_p).to(out))
 
 
 @dataclasses.dataclass
@@ -227,13 +234,15 @@ class _StatGradSurrogate(torch.autograd.Function):
     def forward(ctx, x: Tensor, stats: MomentSums, grads: tuple[Tensor, Tensor, Tensor | None, Tensor | None], patch: int) -> Tensor:
         ctx.save_for_backward(x)
         ctx.stats, ctx.grads, ctx.patch = stats, grads, patch
-        return x.new_zeros((), dtype=ref.compute_dtype(x))
+        # float64 so a loss weight reaches the backward unrounded, as in a whole-batch float64 loss
+        return x.new_zeros((), dtype=torch.float64)
 
     @staticmethod
     def backward(ctx, g_out: Tensor):
         (x,) = ctx.saved_tensors
         s, (g_cm, g_cv, g_pm, g_pv) = ctx.stats, ctx.grads
-        dtype = ref.compute_dtype(x)
+        # float64 vectors, as a whole-batch backward receives them: the same dx bit for bit.
+        dtype = torch.float64
         empty = x.new_empty(0, dtype=dtype)
         cast = lambda t: empty if t is None else t.to(device=x.device, dtype=dtype) * g_out  # noqa: E731
         dx = stat_match_backward(
