@@ -107,3 +107,12 @@ def test_segment_bounds_recover_memory() -> None:
     ratio = peaks[25] / peaks[0]
     print(f"\ngvbsm recover ResNet-18 w64 batch 100: peak {peaks[0]:.0f} MB whole batch, {peaks[25]:.0f} MB with --segment 25 ({ratio:.0%})")
     assert ratio <= 0.5, f"--segment 25 should at most halve the recover peak, got {ratio:.0%}"
+
+
+def test_paper_preset_iteration_time() -> None:
+    # The --preset paper pool at its standard widths: the basis of the time estimate in the README.
+    config = _config("--preset", "paper")
+    with use_backend(None):
+        seconds = _seconds_per_iteration(_pool(config), config, rounds=1)
+    record("gvbsm_recover", "ddfast", "fwd_bwd", f"paper-pool-b{CLASSES * IPC}-{'x'.join(map(str, SHAPE))}", "time", "ms", (seconds * 1e3,) * 3)
+    print(f"\ngvbsm recover, paper pool: {seconds:.3f} s/iteration -> {seconds * config.iterations / 60:.0f} min per batch of {CLASSES * IPC}")
