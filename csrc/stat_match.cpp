@@ -28,6 +28,10 @@
 // Environment variable DDFAST_STAT_MATCH_ISA=base forces the baseline copy (read on every call; the
 // tests use it). Vector code uses GCC vector extensions (32-byte vectors), so it builds for both.
 #ifndef DDFAST_STAT_MATCH_KERNEL_PART
+// No fused multiply-adds where the source has none: the vectorised body and the scalar tail of a
+// loop then round identically, so an element's result does not depend on its position in the
+// batch and whole-batch and --segment runs stay bit-identical (DESIGN §5).
+#pragma GCC optimize("fp-contract=off")
 
 #include "stat_match.h"
 
