@@ -281,31 +281,38 @@ def _dd_loss(x: torch.Tensor, y: torch.Tensor, config: Config) -> torch.Tensor:
     return fn(x, y, tau=config.tau, pool=32)
 
 
+TIMING_KEYS = ("forward", "backward", "densify", "statistics_pass")
+
+
+def new_timing() -> dict[str, float]:
+    """Wall seconds per recover phase: network forward (with the matching hooks), backward (network
+    and matching), densification forward+backward, and the segment mode's statistics pass."""
+    return dict.fromkeys(TIMING_KEYS, 0.0)
+
+
 def _step_full(bb: Backbone, xa: torch.Tensor, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
     t0 = time.perf_counter()
     if bb.matcher is not None:
         bb.matcher.mode = "full"
     logits = bb.model(xa)
-    t1 = time.perf_counter()
     if bb.matcher is not None:
         stat = bb.matcher.loss()
     else:
         stat = official_loss(bb.official_bn, bb.official_conv, config.first_multiplier)
-    t2 = time.perf_counter()
-    dd = _dd_loss(xa, y, config)
-    t3 = time.perf_counter()
+    t1 = time.perf_counter()
     # Densification's gradient first, then the network's, accumulated into x.grad in the order the
     # segment step uses: floating-point sums in the same order keep the two modes bit-identical.
+    dd = _dd_loss(xa, y, config)
     if dd.requires_grad:
         (config.dd_weight * dd).backward(retain_graph=True)
+    t2 = time.perf_counter()
     loss = F.cross_entropy(logits, y) + config.r_weight * stat
     loss.backward()
-    loss = loss.detach() + config.dd_weight * dd.detach()
-    t4 = time.perf_counter()
-    timing["network"] += (t1 - t0) + (t4 - t3)  # backward mixes network and statistic kernels
-    timing["statistics"] += t2 - t1
-    timing["densify"] += t3 - t2
-    return float(loss.detach())
+    t3 = time.perf_counter()
+    timing["forward"] += t1 - t0
+    timing["densify"] += t2 - t1
+    timing["backward"] += t3 - t2
+    return float(loss.detach()) + config.dd_weight * float(dd.detach())
 
 
 def _step_segments(bb: Backbone, x: torch.Tensor, aug: Jitter, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
@@ -321,20 +328,23 @@ def _step_segments(bb: Backbone, x: torch.Tensor, aug: Jitter, y: torch.Tensor, 
     t1 = time.perf_counter()
     xa = aug(x)
     dd = _dd_loss(xa, y, config)
-    (config.dd_weight * dd).backward() if dd.requires_grad else None
-    t2 = time.perf_counter()
+    if dd.requires_grad:
+        (config.dd_weight * dd).backward()
+    timing["statistics_pass"] += t1 - t0
+    timing["densify"] += time.perf_counter() - t1
     ce_total = 0.0
     n = x.shape[0]
     with matcher.injecting():
         for xs, ys in zip(x.split(config.segment), y.split(config.segment)):
+            t2 = time.perf_counter()
             logits = bb.model(aug(xs))
             ce = F.cross_entropy(logits, ys, reduction="sum") / n
-            (ce + config.r_weight * matcher.surrogate_loss()).backward()
+            surrogate = matcher.surrogate_loss()
+            t3 = time.perf_counter()
+            (ce + config.r_weight * surrogate).backward()
+            timing["forward"] += t3 - t2
+            timing["backward"] += time.perf_counter() - t3
             ce_total += float(ce.detach())
-    t3 = time.perf_counter()
-    timing["statistics"] += t1 - t0
-    timing["densify"] += t2 - t1
-    timing["network"] += t3 - t2
     return ce_total + config.dd_weight * float(dd.detach()) + config.r_weight * float(stat_value)
 
 
@@ -415,7 +425,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         lo, hi = (0 - mean) / std, (1 - mean) / std
         shape = (dataset.channels, *dataset.image_size)
         batches = class_batches(dataset.num_classes, config.ipc, config.batch_size)
-        timing = {"network": 0.0, "statistics": 0.0, "densify": 0.0}
+        timing = new_timing()
         images, labels = [], []
         iterations_run, start = 0, time.time()
         with PeakMemory() as peak:
