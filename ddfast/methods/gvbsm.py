@@ -56,7 +56,7 @@ PRESETS = {
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS), default="default",
                        help="default: CPU-sized pool (widths 4-32), teachers 1 epoch on 20000 images, 500 iterations, "
-                       "statistics over 10000 images (~8 min for IPC 10 on 2 cores); paper: the paper's pool widths, "
+                       "statistics over 10000 images (~7 min for IPC 10 on 2 cores); paper: the paper's pool widths, "
                        "1000 iterations (official argparse default), 5 teacher epochs on all images (hours on a CPU)")
     group.add_argument("--iterations", type=int, default=None, help="recover iterations per batch (default from --preset)")
     group.add_argument("--batch-size", type=int, default=None, help="synthetic images per recover batch (default from --preset)")
