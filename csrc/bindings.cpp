@@ -2,6 +2,7 @@
 // only registers them, so CUDA sources never need torch headers.
 #include <torch/extension.h>
 
+#include "buffer_cache.h"
 #include "parallel.h"
 #include "stat_match.h"
 
@@ -17,5 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("patch"), py::arg("count_c"), py::arg("count_p"),
         "K1 backward: dx (x's dtype and memory format) from the gradients of the channel/patch "
         "means and variances (variance = M2 / count)");
+  m.def("set_buffer_cache_limit", &ddfast::set_buffer_cache_limit, py::arg("bytes"),
+        "Most bytes of freed kernel outputs kept page-resident for reuse (0 frees them and disables)");
+  m.def("buffer_cache_limit", &ddfast::buffer_cache_limit, "The buffer cache's limit in bytes");
+  m.def("buffer_cache_held", &ddfast::buffer_cache_held, "Bytes of free buffers the cache keeps now");
   { void ddfast_register_densify(pybind11::module_&); ddfast_register_densify(m); }  // K3 densify_forward, jacobi_eigh (csrc/densify.cpp)
 }

@@ -2,7 +2,7 @@
 // call (DESIGN §4 K3).
 //
 //   X̂ = adaptive_avg_pool2d(images, pool x pool).flatten(1)                              [B, D]
-//   per class k: G_k = X̂_k X̂_kᵀ, (λ_k, V_k) = eigh(G_k)          (csrc/jacobi.h, float64)
+//   per class k: G_k = X̂_k X̂_kᵀ, (λ_k, V_k) = eigh(G_k)                     (float64)
 //   loss = Σ_k Σ_i p_i (log p_i − log q_i),  p = softmax(λ_k/τ) (stop-grad), q = softmax(λ_k)
 //   dλ = q − p,  dG = V diag(dλ) Vᵀ,  dX̂_k = 2 dG X̂_k,  dimages = pooling backward of dX̂.
 //
@@ -10,22 +10,27 @@
 // autograd backward only scales it by the incoming gradient: no eigenvectors or Gram matrices are
 // kept, and the images are read once for both directions.
 //
-// Phases (each an OpenMP loop over work items of all classes; no loop over classes in Python):
+// Phases (no loop over classes in Python):
 //   0. classes: a stable sort of the labels (ascending label order, batch order within a class);
-//   1. pooling (skipped when H = W = pool: rows are read in place), separable bin sums;
-//   2. Gram: work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
+//   1. X̂ in class order, contiguous per class: pooling (separable bin sums; integer factors take a
+//      fast path), or a row gather when H = W = pool (skipped when the labels are already sorted);
+//   2. Gram: OpenMP work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
 //      (float inputs: 8-wide fp32 FMAs over chunks of 64 elements, each chunk added in float64);
-//   3. per class (largest first, dynamic schedule): one-sided parallel-order Jacobi in float64
-//      (csrc/jacobi.h, AVX2 copy when the CPU has it), the class loss, and 2·dG;
-//   4. dX̂ rows: work items = (class, block of 4 rows), written straight into dimages when no pooling;
-//   5. adaptive-pooling backward (separable; integer factors write each pixel once), per image.
-// Every sum runs in a fixed order: results do not depend on the number of threads. A phase uses
-// several threads only when its work is large (kParallelWork). DDFAST_DENSIFY_PROFILE=1 prints the
-// time of each phase to stderr; DDFAST_DENSIFY_ISA=base disables the AVX2 kernels.
+//   3. eigensolve in float64, the class loss and 2·dG: classes of >= kLapackMinN images through one
+//      batched LAPACK call per class size, smaller ones through the one-sided parallel-order Jacobi
+//      solver (csrc/jacobi.h, AVX2 copy when the CPU has it; the GPU kernel's algorithm);
+//   4. dX̂_k = 2 dG_k X̂_k: one ATen GEMM per class (written straight into dimages when X̂ is the images);
+//   5. back to image order: adaptive-pooling backward (integer factors write each pixel once) or a
+//      row scatter.
+// Buffers handed to BLAS are 64-byte aligned, so results repeat exactly for a given thread count;
+// the OpenMP phases (1, 2, 5) run in a fixed order and do not depend on it. A phase uses several
+// threads only when its work is large (kParallelWork). DDFAST_DENSIFY_PROFILE=1 prints the time of
+// each phase to stderr; DDFAST_DENSIFY_ISA=base disables the AVX2 kernels.
 //
 // Ragged classes are exact (each class is its own n_k x n_k problem, no padding); a class of one
 // image contributes 0. NaN/Inf images (or a Gram matrix that overflows) raise ValueError before any
-// eigensolve; a class whose Jacobi iteration hits max_sweeps is reported in the status tensor.
+// eigensolve; a class whose Jacobi iteration hits max_sweeps is reported in the status tensor
+// (LAPACK classes report 0 and raise if LAPACK fails).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -33,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -47,6 +53,7 @@
 #define DDFAST_DENSIFY_X86 1
 #endif
 
+#include "buffer_cache.h"
 #include "jacobi.h"  // ddfast::jacobi: baseline ISA
 #include "parallel.h"
 
@@ -72,6 +79,10 @@ constexpr int kRowBlock = 4;
 // scheduler time slice (measured: ~12 ms per region, against 0.5-10 ms of work per phase).
 constexpr double kParallelWork = 1e8;
 constexpr int64_t kGramChunk = 64;
+// Classes of at least this many images are solved with LAPACK, smaller ones with the Jacobi solver
+// (measured per matrix on one core: Jacobi 3.7 vs 5.9 us at n = 4, 13.0 vs 13.6 us at n = 8,
+// 24.5 vs 19.2 us at n = 10).
+constexpr int64_t kLapackMinN = 9;
 
 // ------------------------------------------------------------------------------------ ISA choice
 inline bool use_avx2() {
@@ -108,37 +119,10 @@ inline __attribute__((always_inline)) void gram_block_generic(const T* const* ro
   }
 }
 
-// dX̂ block: out[r][d] = Σ_j coef[r * ldc + j] * rows[j][d] for r < nr.
-template <typename T>
-inline __attribute__((always_inline)) void dx_block_generic(const T* coef, int ldc, int nr, const T* const* rows, int nj,
-                                                            int64_t D, T* const* out) {
-  constexpr int64_t kChunk = 256;
-  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    const int64_t e = std::min(D, d0 + kChunk);
-    for (int r = 0; r < nr; ++r) {
-      T acc[kChunk];
-      for (int64_t d = 0; d < e - d0; ++d) acc[d] = T(0);
-      for (int j = 0; j < nj; ++j) {
-        const T c = coef[r * ldc + j];
-        const T* x = rows[j] + d0;
-#pragma omp simd
-        for (int64_t d = 0; d < e - d0; ++d) acc[d] += c * x[d];
-      }
-      T* o = out[r] + d0;
-      for (int64_t d = 0; d < e - d0; ++d) o[d] = acc[d];
-    }
-  }
-}
-
 template <typename T>
 void gram_block_base(const T* const* rows_blk, int nr, const T* const* rows, int nj, int64_t D, double* out, int ldo) {
   gram_block_generic(rows_blk, nr, rows, nj, D, out, ldo);
 }
-template <typename T>
-void dx_block_base(const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
-  dx_block_generic(coef, ldc, nr, rows, nj, D, out);
-}
-
 #ifdef DDFAST_DENSIFY_X86
 #define DDFAST_AVX2 __attribute__((target("avx2,fma")))
 
@@ -186,41 +170,6 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
   }
 }
 
-template <typename T>
-DDFAST_AVX2 void dx_block_avx2(const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
-  dx_block_generic(coef, ldc, nr, rows, nj, D, out);
-}
-
-// float: 4 output rows x 16 columns of accumulators, one broadcast per (row, j).
-template <>
-DDFAST_AVX2 void dx_block_avx2<float>(const float* coef, int ldc, int nr, const float* const* rows, int nj, int64_t D,
-                                      float* const* out) {
-  const int64_t D16 = D & ~int64_t(15);
-  const float* cf[kRowBlock];
-  for (int r = 0; r < kRowBlock; ++r) cf[r] = coef + (r < nr ? r : nr - 1) * ldc;
-  for (int64_t d = 0; d < D16; d += 16) {
-    __m256 acc[kRowBlock][2];
-    for (int r = 0; r < kRowBlock; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int j = 0; j < nj; ++j) {
-      const __m256 x0 = _mm256_loadu_ps(rows[j] + d), x1 = _mm256_loadu_ps(rows[j] + d + 8);
-      for (int r = 0; r < kRowBlock; ++r) {
-        const __m256 c = _mm256_broadcast_ss(cf[r] + j);
-        acc[r][0] = _mm256_fmadd_ps(c, x0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(c, x1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < nr; ++r) {
-      _mm256_storeu_ps(out[r] + d, acc[r][0]);
-      _mm256_storeu_ps(out[r] + d + 8, acc[r][1]);
-    }
-  }
-  for (int64_t d = D16; d < D; ++d)
-    for (int r = 0; r < nr; ++r) {
-      float s = 0.f;
-      for (int j = 0; j < nj; ++j) s += cf[r][j] * rows[j][d];
-      out[r][d] = s;
-    }
-}
 #endif
 
 template <typename T>
@@ -231,15 +180,6 @@ void gram_block(bool avx2, const T* const* rows_blk, int nr, const T* const* row
 #endif
   (void)avx2;
   gram_block_base<T>(rows_blk, nr, rows, nj, D, out, ldo);
-}
-
-template <typename T>
-void dx_block(bool avx2, const T* coef, int ldc, int nr, const T* const* rows, int nj, int64_t D, T* const* out) {
-#ifdef DDFAST_DENSIFY_X86
-  if (avx2) return dx_block_avx2<T>(coef, ldc, nr, rows, nj, D, out);
-#endif
-  (void)avx2;
-  dx_block_base<T>(coef, ldc, nr, rows, nj, D, out);
 }
 
 // ------------------------------------------------------------------------------ pooling
@@ -406,20 +346,16 @@ struct ClassResult {
   int status = 0;
 };
 
+// The class loss from its eigenvalues w (n) and, with a gradient, coef = 2 dG = 2 Σ_i dλ_i v_i v_iᵀ
+// (v_i = row i of vt).
 template <typename T>
-ClassResult solve_class(bool avx2, const double* gram, int n, double tau, bool with_grad, int max_sweeps, T* coef) {
-  ClassResult res;
-  std::vector<double> a(size_t(n) * n), vt(size_t(n) * n), w(n), dlam(n);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j <= i; ++j) a[size_t(i) * n + j] = a[size_t(j) * n + i] = gram[size_t(i) * n + j];
-  res.status = eigh_one<double>(avx2, 1, a.data(), n, w.data(), vt.data(), max_sweeps, 0.0);
-  if (res.status == jacobi::kNonFinite) return res;
-  res.loss = jacobi::softmax_kl<double>(w.data(), n, tau, with_grad ? dlam.data() : nullptr);
-  if (!with_grad) return res;
-  // coef = 2 dG = 2 Σ_i dλ_i v_i v_iᵀ  (v_i = row i of vt)
+double loss_and_coef(const double* w, const double* vt, int n, double tau, T* coef) {
+  std::vector<double> dlam(n);
+  const double loss = jacobi::softmax_kl<double>(w, n, tau, coef ? dlam.data() : nullptr);
+  if (!coef) return loss;
   std::vector<double> dg(size_t(n) * n, 0.0);
   for (int i = 0; i < n; ++i) {
-    const double* v = vt.data() + size_t(i) * n;
+    const double* v = vt + size_t(i) * n;
     for (int r = 0; r < n; ++r) {
       const double cr = 2.0 * dlam[i] * v[r];
       double* row = dg.data() + size_t(r) * n;
@@ -428,7 +364,46 @@ ClassResult solve_class(bool avx2, const double* gram, int n, double tau, bool w
     }
   }
   for (size_t i = 0; i < dg.size(); ++i) coef[i] = T(dg[i]);
+  return loss;
+}
+
+// Full symmetric copy of a class Gram matrix stored as its lower triangle (row-major n x n).
+inline void symmetrize(const double* gram, int n, double* a) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j <= i; ++j) a[size_t(i) * n + j] = a[size_t(j) * n + i] = gram[size_t(i) * n + j];
+}
+
+// Small classes: the Jacobi solver of csrc/jacobi.h (faster than a LAPACK call below kLapackMinN).
+template <typename T>
+ClassResult solve_class_jacobi(bool avx2, const double* gram, int n, double tau, int max_sweeps, T* coef) {
+  ClassResult res;
+  std::vector<double> a(size_t(n) * n), vt(size_t(n) * n), w(n);
+  symmetrize(gram, n, a.data());
+  res.status = eigh_one<double>(avx2, 1, a.data(), n, w.data(), vt.data(), max_sweeps, 0.0);
+  if (res.status == jacobi::kNonFinite) return res;
+  res.loss = loss_and_coef<T>(w.data(), vt.data(), n, tau, coef);
   return res;
+}
+
+// Classes of n >= kLapackMinN images: all classes of one size in one batched float64
+// torch.linalg.eigh (LAPACK's divide and conquer: measured 6x faster than the Jacobi solver at n = 50,
+// 12x at n = 128, on one core). Status 0 for these classes; LAPACK failures raise.
+template <typename T>
+void solve_classes_lapack(const std::vector<int64_t>& ks, int n, const double* gram, const std::vector<int64_t>& gram_off,
+                          double tau, T* coef, std::vector<ClassResult>* results) {
+  const int64_t m = int64_t(ks.size());
+  at::Tensor a = at::empty({m, n, n}, at::kDouble);
+  for (int64_t i = 0; i < m; ++i) symmetrize(gram + gram_off[ks[i]], n, a.data_ptr<double>() + i * n * n);
+  auto [w, v] = at::linalg_eigh(a, "L");
+  at::Tensor vt = v.transpose(1, 2).contiguous();  // rows = eigenvectors
+  w = w.contiguous();
+  const double* wp = w.data_ptr<double>();
+  const double* vp = vt.data_ptr<double>();
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t k = ks[i];
+    (*results)[k].loss = loss_and_coef<T>(wp + i * n, vp + i * n * n, n, tau, coef ? coef + gram_off[k] : nullptr);
+    (*results)[k].status = 0;
+  }
 }
 
 // ------------------------------------------------------------------------------ driver
@@ -441,6 +416,8 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   const bool avx2 = use_avx2();
   const std::vector<int64_t>& order = layout.order;
   const std::vector<int64_t>& off = layout.offsets;
+  bool sorted = true;  // labels already grouped in ascending order (the recover loop's class-major batches)
+  for (int64_t r = 0; r < B && sorted; ++r) sorted = order[r] == r;
   const bool prof = std::getenv("DDFAST_DENSIFY_PROFILE") != nullptr;
   auto t0 = std::chrono::steady_clock::now();
   auto lap = [&](const char* what) {
@@ -449,20 +426,28 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
     std::fprintf(stderr, "densify %-8s %8.3f ms\n", what, std::chrono::duration<double, std::milli>(t1 - t0).count());
     t0 = t1;
   };
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const bool par_pool = double(B) * C * H * W > kParallelWork;
 
-  // 1. pooled rows in class order
-  std::unique_ptr<T[]> pooled;
-  std::vector<const T*> rows(B);
-  if (identity) {
-    for (int64_t r = 0; r < B; ++r) rows[r] = x + order[r] * D;
-  } else {
-    pooled.reset(new T[size_t(B) * D]);
+  // 1. X̂: pooled rows in class order, contiguous per class (the images themselves when no pooling
+  //    and no reordering is needed)
+  at::Tensor pooled_store;  // ATen storage: 64-byte aligned for BLAS
+  const T* xs = x;
+  if (!(identity && sorted)) {
+    pooled_store = at::empty({B, D}, opts);
+    T* pooled = pooled_store.data_ptr<T>();
     const Bins bh(P, H), bw(P, W);
-    const bool par_pool = double(B) * C * H * W > kParallelWork;
 #pragma omp parallel for schedule(static) if (par_pool)
-    for (int64_t r = 0; r < B; ++r) pool_image(x + order[r] * C * H * W, C, H, W, P, bh, bw, pooled.get() + r * D);
-    for (int64_t r = 0; r < B; ++r) rows[r] = pooled.get() + r * D;
+    for (int64_t r = 0; r < B; ++r) {
+      if (identity)
+        std::memcpy(pooled + r * D, x + order[r] * D, size_t(D) * sizeof(T));
+      else
+        pool_image(x + order[r] * C * H * W, C, H, W, P, bh, bw, pooled + r * D);
+    }
+    xs = pooled;
   }
+  std::vector<const T*> rows(B);
+  for (int64_t r = 0; r < B; ++r) rows[r] = xs + r * D;
 
   lap("pool");
   // work items (class, first row of a block of kRowBlock rows)
@@ -477,7 +462,7 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   for (int64_t k = 0; k < K; ++k) {
     const double n = double(off[k + 1] - off[k]);
     gemm_work += n * n * double(D);
-    eig_work += 60.0 * n * n * n;  // ~ sweeps x (dot + 2 rotations) x n^3 / 2
+    if (n < kLapackMinN) eig_work += 60.0 * n * n * n;  // ~ sweeps x (dot + 2 rotations) x n^3 / 2
   }
   const bool par_gemm = gemm_work > kParallelWork, par_eig = eig_work > kParallelWork;
   // largest first: blocks near the bottom of big classes cost the most
@@ -499,12 +484,6 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
 
   lap("gram");
   // 3. eigensolve + loss + 2 dG per class
-  std::vector<T> coef(with_grad ? size_t(gram_off[K]) : 0);
-  std::vector<ClassResult> results(K);
-  std::vector<int64_t> class_order(K);
-  std::iota(class_order.begin(), class_order.end(), int64_t(0));
-  std::stable_sort(class_order.begin(), class_order.end(),
-                   [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
   bool finite = true;
   for (int64_t k = 0; k < K && finite; ++k) {
     const int64_t n = off[k + 1] - off[k];
@@ -513,12 +492,27 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   if (!finite)
     throw pybind11::value_error(
         "densify_loss: images contain NaN or Inf (or are so large that a Gram matrix overflows)");
+  at::Tensor coef = at::empty({with_grad ? gram_off[K] : 0}, opts);
+  T* coef_p = with_grad ? coef.data_ptr<T>() : nullptr;
+  std::vector<ClassResult> results(K);
+  std::vector<int64_t> small;                     // Jacobi classes, largest first
+  std::map<int64_t, std::vector<int64_t>> large;  // LAPACK classes by size
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = off[k + 1] - off[k];
+    if (n < kLapackMinN)
+      small.push_back(k);
+    else
+      large[n].push_back(k);
+  }
+  std::stable_sort(small.begin(), small.end(),
+                   [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
+  for (const auto& [n, ks] : large) solve_classes_lapack<T>(ks, int(n), gram.data(), gram_off, tau, coef_p, &results);
+  const int64_t n_small = int64_t(small.size());
 #pragma omp parallel for schedule(dynamic, 1) if (par_eig)
-  for (int64_t idx = 0; idx < K; ++idx) {
-    const int64_t k = class_order[idx];
-    const int n = int(off[k + 1] - off[k]);
-    results[k] = solve_class<T>(avx2, gram.data() + gram_off[k], n, tau, with_grad, max_sweeps,
-                                with_grad ? coef.data() + gram_off[k] : nullptr);
+  for (int64_t idx = 0; idx < n_small; ++idx) {
+    const int64_t k = small[idx];
+    results[k] = solve_class_jacobi<T>(avx2, gram.data() + gram_off[k], int(off[k + 1] - off[k]), tau, max_sweeps,
+                                       coef_p ? coef_p + gram_off[k] : nullptr);
   }
   lap("eigen");
   double loss = 0.0;
@@ -531,29 +525,28 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   }
   if (!with_grad) return {loss, status};
 
-  // 4. dX̂ = 2 dG X̂ per class (straight into dx when there is no pooling)
-  std::unique_ptr<T[]> dpooled(identity ? nullptr : new T[size_t(B) * D]);  // fully written below
-#pragma omp parallel for schedule(dynamic, 1) if (par_gemm)
-  for (int64_t it = 0; it < n_items; ++it) {
-    const int64_t k = items[it].first, i0 = items[it].second;
+  // 4. dX̂_k = (2 dG_k) X̂_k: one GEMM per class (ATen's BLAS with its own threads), straight into dx
+  //    when X̂ is the images themselves
+  at::Tensor dpooled = xs == x ? at::Tensor() : at::empty({B, D}, opts);  // fully written below
+  T* dxs = xs == x ? dx : dpooled.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) {
     const int64_t n = off[k + 1] - off[k];
-    const int nr = int(std::min<int64_t>(kRowBlock, n - i0));
-    T* out[kRowBlock];
-    for (int r = 0; r < nr; ++r) {
-      const int64_t row = off[k] + i0 + r;
-      out[r] = identity ? dx + order[row] * D : dpooled.get() + row * D;
-    }
-    dx_block<T>(avx2, coef.data() + gram_off[k] + i0 * n, int(n), nr, rows.data() + off[k], int(n), D, out);
+    at::Tensor out = at::from_blob(dxs + off[k] * D, {n, D}, opts);
+    at::mm_out(out, at::from_blob(coef_p + gram_off[k], {n, n}, opts),
+               at::from_blob(const_cast<T*>(xs + off[k] * D), {n, D}, opts));
   }
 
   lap("dx");
-  // 5. pooling backward
-  if (!identity) {
+  // 5. back to image order: pooling backward (or a row copy when there is no pooling)
+  if (xs != x) {
     const Bins bh(P, H), bw(P, W);
-    const bool par_pool = double(B) * C * H * W > kParallelWork;
 #pragma omp parallel for schedule(static) if (par_pool)
-    for (int64_t r = 0; r < B; ++r)
-      pool_backward_image(dpooled.get() + r * D, C, H, W, P, bh, bw, dx + order[r] * C * H * W);
+    for (int64_t r = 0; r < B; ++r) {
+      if (identity)
+        std::memcpy(dx + order[r] * D, dxs + r * D, size_t(D) * sizeof(T));
+      else
+        pool_backward_image(dxs + r * D, C, H, W, P, bh, bw, dx + order[r] * C * H * W);
+    }
   }
   lap("poolbwd");
   return {loss, status};
@@ -598,7 +591,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor&
   for (int64_t k = 0; k + 1 < int64_t(layout.offsets.size()); ++k)
     if (layout.offsets[k + 1] - layout.offsets[k] > 4096)
       throw pybind11::value_error("densify_forward: a class has more than 4096 images in the batch");
-  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());  // every entry is written
+  // every entry is written; page-resident storage from the buffer cache (csrc/buffer_cache.cpp)
+  at::Tensor dx = with_grad ? cached_empty(x.sizes(), x.options(), at::MemoryFormat::Contiguous)
+                            : at::empty({0}, x.options());
   double loss = 0.0;
   std::vector<int> status;
   if (B > 0 && H > 0 && W > 0) {

@@ -16,8 +16,8 @@
 // Backward: dx = (A[c] + P[hw]) + S[c]*(x - cmean[c]) + Q[hw]*(x - pmean[k(hw)]) with per-channel
 // constants A = g_cmean/count_c, S = 2 g_cvar/count_c and per-pixel maps P = g_pmean/count_p,
 // Q = 2 g_pvar/count_p (H*W entries each). Keeping the (x - mean) differences instead of folding the
-// means into the constants keeps dx accurate for inputs with a large mean. dx gets transparent huge
-// pages when large (see advise_huge_pages).
+// means into the constants keeps dx accurate for inputs with a large mean. dx comes from the
+// page-resident buffer cache (csrc/buffer_cache.cpp).
 //
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
 // strides are made contiguous with x.contiguous() first (one extra copy; dx is then contiguous).
@@ -51,11 +51,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "parallel.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 // The kernels pass 32-byte GCC vectors between inlined helpers only; no ABI is exposed.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -127,23 +124,6 @@ bool use_avx2() {
 }
 
 enum class Layout { NCHW, NHWC };
-
-// dx is a fresh activation-sized buffer; large ones come straight from mmap and every first touch
-// is a page fault (measured: ~as costly as the kernel itself for 52 MB). Ask for transparent huge
-// pages on its 2 MiB-aligned interior (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every
-// allocation); a no-op where THP is disabled.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
 
 // Returns the tensor to read (x itself when NCHW- or NHWC-contiguous, else x.contiguous()).
 at::Tensor pick_layout(const at::Tensor& x, Layout* layout) {
@@ -264,10 +244,8 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
     gpv = vec_as_double(g_pvar, K, "g_pvar", "K = (H/patch)*(W/patch)");
   }
 
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(
-                                           layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast
-                                                                  : at::MemoryFormat::Contiguous));
-  advise_huge_pages(dx.data_ptr(), size_t(dx.numel()) * dx.element_size());
+  at::Tensor dx = cached_empty(x.sizes(), x.options(),
+                               layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const bool avx2 = use_avx2();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_match_backward", [&] {

@@ -102,3 +102,23 @@ def select_backend(device: torch.device | str) -> str:
     if device.type == "cpu" and cpu_extension() is not None:
         return "cpu"
     return "reference"
+
+
+def set_cpu_buffer_cache(megabytes: float) -> None:
+    """Most MB of freed kernel outputs (K1's dx, K3's image gradient) the cpu backend keeps
+    page-resident for reuse (csrc/buffer_cache.cpp): a fresh tens-of-MB output costs one page fault
+    per 4 KiB on first touch, about a third of K1's forward+backward. 0 frees what is kept and turns
+    the cache off. Default 256, or ``$DDFAST_CPU_BUFFER_CACHE_MB``."""
+    if megabytes < 0:
+        raise ValueError(f"set_cpu_buffer_cache: megabytes must be >= 0, got {megabytes}")
+    ext = cpu_extension()
+    if ext is not None:
+        ext.set_buffer_cache_limit(int(megabytes * 2**20))
+
+
+def cpu_buffer_cache_mb() -> tuple[float, float]:
+    """(limit, held): the cache's limit and the MB of free buffers it keeps now ((0, 0) without ddfast._C)."""
+    ext = cpu_extension()
+    if ext is None:
+        return 0.0, 0.0
+    return ext.buffer_cache_limit() / 2**20, ext.buffer_cache_held() / 2**20

@@ -69,8 +69,14 @@ def _status_kb(field: str) -> int:
 
 
 def _release_free_heap() -> None:
-    # Memory freed earlier (e.g. by teacher training) stays in glibc's heap and would be reused
-    # without raising RSS; hand it back first so the high-water mark measures the code inside.
+    # Memory freed earlier (e.g. by teacher training) stays in glibc's heap or ddfast's buffer cache
+    # and would be reused without raising RSS; hand it back first so the high-water mark measures
+    # the code inside.
+    from ddfast.backend import cpu_buffer_cache_mb, set_cpu_buffer_cache
+
+    limit, _ = cpu_buffer_cache_mb()
+    set_cpu_buffer_cache(0)
+    set_cpu_buffer_cache(limit)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -80,3 +80,52 @@ def test_env_report_runs():
     # No GPU on this machine or in CI: the report must say so plainly rather than crash.
     if not torch.cuda.is_available():
         assert "no NVIDIA driver" in text or "nvidia-ml-py not installed" in text
+
+
+@pytest.fixture
+def buffer_cache():
+    limit, _ = backend.cpu_buffer_cache_mb()
+    yield
+    backend.set_cpu_buffer_cache(limit)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_buffer_cache_reuses_freed_outputs(buffer_cache, memory_format):
+    from ddfast.ops import moments
+
+    backend.set_cpu_buffer_cache(0)
+    backend.set_cpu_buffer_cache(64)
+    x = torch.randn(4, 16, 64, 64).to(memory_format=memory_format).requires_grad_(True)  # 1 MiB
+    with backend.use_backend("cpu"):
+        moments(x, 4)[1].sum().backward()
+        first = x.grad
+        assert first.is_contiguous(memory_format=memory_format) and torch.isfinite(first).all()
+        ptr, expected = first.data_ptr(), first.clone()
+        x.grad = first = None
+        assert backend.cpu_buffer_cache_mb()[1] == 1.0
+        moments(x, 4)[1].sum().backward()
+    assert x.grad.data_ptr() == ptr  # the same pages again
+    assert backend.cpu_buffer_cache_mb()[1] == 0.0
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
+def test_buffer_cache_limit_evicts_and_disables(buffer_cache):
+    from ddfast.ops import moments
+
+    backend.set_cpu_buffer_cache(1.5)
+    with backend.use_backend("cpu"):
+        grads = []
+        for _ in range(2):  # two 1 MiB outputs alive at once, both freed: only one fits
+            x = torch.randn(4, 16, 64, 64, requires_grad=True)
+            moments(x, 4)[1].sum().backward()
+            grads.append(x.grad)
+        grads.clear()
+        assert backend.cpu_buffer_cache_mb() == (1.5, 1.0)
+        backend.set_cpu_buffer_cache(0)
+        assert backend.cpu_buffer_cache_mb() == (0.0, 0.0)
+        x = torch.randn(4, 16, 64, 64, requires_grad=True)
+        moments(x, 4)[1].sum().backward()
+        x.grad = None
+        assert backend.cpu_buffer_cache_mb()[1] == 0.0
+    with pytest.raises(ValueError, match="megabytes must be >= 0"):
+        backend.set_cpu_buffer_cache(-1)
