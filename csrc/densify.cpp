@@ -73,11 +73,10 @@ namespace ddfast {
 namespace densify {
 
 constexpr int kRowBlock = 4;
-// A phase runs on all OpenMP threads only above this many multiply-adds (~25 ms on one core). Below
-// it one thread is faster where it matters here: every parallel region ends in a join, and on a busy
-// machine (2 shared cores with a background job) the join waits for a descheduled thread for a whole
-// scheduler time slice (measured: ~12 ms per region, against 0.5-10 ms of work per phase).
-constexpr double kParallelWork = 1e8;
+// A phase runs on all OpenMP threads only above this many multiply-adds / pixels (~1 ms on one core):
+// below it the fork/join costs more than it saves. (On a machine shared with a background job a join
+// can wait a whole scheduler slice for a descheduled thread; measured ~12 ms on 2 busy cores.)
+constexpr double kParallelWork = 4e6;
 constexpr int64_t kGramChunk = 64;
 // Classes of at least this many images are solved with LAPACK, smaller ones with the Jacobi solver
 // (measured per matrix on one core: Jacobi 3.7 vs 5.9 us at n = 4, 13.0 vs 13.6 us at n = 8,
@@ -394,9 +393,17 @@ void solve_classes_lapack(const std::vector<int64_t>& ks, int n, const double* g
   const int64_t m = int64_t(ks.size());
   at::Tensor a = at::empty({m, n, n}, at::kDouble);
   for (int64_t i = 0; i < m; ++i) symmetrize(gram + gram_off[ks[i]], n, a.data_ptr<double>() + i * n * n);
-  auto [w, v] = at::linalg_eigh(a, "L");
+  // one LAPACK call per thread on a share of the matrices (each call loops over its share)
+  const int64_t parts = 2.0 * n * n * n * m > kParallelWork ? std::min<int64_t>(m, num_threads()) : 1;
+  at::Tensor w = at::empty({m, n}, at::kDouble), v = at::empty({m, n, n}, at::kDouble);
+#pragma omp parallel for schedule(static) if (parts > 1)
+  for (int64_t t = 0; t < parts; ++t) {
+    const int64_t lo = m * t / parts, hi = m * (t + 1) / parts;
+    auto [wt, vt_part] = at::linalg_eigh(a.slice(0, lo, hi), "L");
+    w.slice(0, lo, hi).copy_(wt);
+    v.slice(0, lo, hi).copy_(vt_part);
+  }
   at::Tensor vt = v.transpose(1, 2).contiguous();  // rows = eigenvectors
-  w = w.contiguous();
   const double* wp = w.data_ptr<double>();
   const double* vp = vt.data_ptr<double>();
   for (int64_t i = 0; i < m; ++i) {
