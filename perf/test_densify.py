@@ -2,7 +2,8 @@
 
 Providers, side by side in one run (kernel "densify", mode "fwd_bwd"):
   ddfast    — ddfast.ops.densify_loss on the cpu backend (ddfast._C: all classes in one call,
-              float64 one-sided Jacobi per class, the gradient computed in the same pass);
+              float64 eigensolves (LAPACK per class size, Jacobi below 9 images), the gradient
+              computed in the same pass);
   official  — the G-VBSM code's way: a Python loop over the classes, general torch.linalg.eigvals
               per class Gram matrix (ddfast/reference/densify_official.py);
   reference — the batched pure-PyTorch version: one padded torch.linalg.eigvalsh + autograd
