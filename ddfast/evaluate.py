@@ -43,9 +43,11 @@ def evaluate_synset(
     schedule: str = "step",
     batch_size: int = 256,
     seed: int = 0,
+    first_run: int = 0,
 ) -> dict[str, Any]:
     """Train ``runs`` fresh models on (normalised) ``images`` and test each on the dataset's test
-    split. Returns ``{"mean", "std", "accs", "protocol", "seconds"}``; accuracies in percent, std
+    split. Run r (r = first_run, ..., first_run + runs - 1) is seeded with seed·1000 + r, so runs
+    split over several processes give the same accuracies as one process. Returns ``{"mean", "std", "accs", "protocol", "seconds"}``; accuracies in percent, std
     is the population std over runs (np.std, as the DC code reports it)."""
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -55,6 +57,8 @@ def evaluate_synset(
         raise ValueError("--labels soft needs a distilled set with soft labels (this one has none)")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if first_run < 0:
+        raise ValueError(f"first run must be >= 0, got {first_run}")
     if tuple(images.shape[1:]) != (dataset.channels, *dataset.image_size):
         raise ValueError(
             f"distilled images are {tuple(images.shape[1:])} but {dataset.name} images are "
@@ -74,11 +78,11 @@ def evaluate_synset(
     images = images.float()
     soft = soft_labels.float() if (soft_labels is not None and label_mode == "soft") else None
     accs, start = [], time.time()
-    for run in range(runs):
+    for run in range(first_run, first_run + runs):
         run_seed = seed * 1000 + run
         seed_everything(run_seed)
         net = models.create(model, dataset.channels, dataset.num_classes, dataset.image_size, width=width)
-        fit(net, images, labels, config, soft_labels=soft, generator=torch.Generator().manual_seed(run_seed), desc=f"eval run {run + 1}/{runs}")
+        fit(net, images, labels, config, soft_labels=soft, generator=torch.Generator().manual_seed(run_seed), desc=f"eval run {run + 1 - first_run}/{runs}")
         accs.append(accuracy(net, test_images, dataset.test_labels))
     protocol = {
         "model": model,
@@ -96,6 +100,7 @@ def evaluate_synset(
         "batch_size": batch_size,
         "optimizer": "sgd(momentum=0.9, weight_decay=5e-4)",
         "seed": seed,
+        "first_run": first_run,
         "dataset": dataset.name,
         "num_images": int(images.shape[0]),
     }
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="dataset location (default: $DDFAST_DATA_DIR or the dataset's standard path)")
     add_protocol_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for model init, batches and augmentation (default 0)")
+    parser.add_argument("--first-run", type=int, default=0, help="index of the first run (seeded seed*1000 + index), to split runs over processes (default 0)")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = synset["meta"]
         dataset = data.load(args.dataset or meta.get("dataset", "fashion-mnist"), args.data_dir)
         result = evaluate_synset(
-            synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed,
+            synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=args.first_run,
             **protocol_kwargs(args, "", synset["soft_labels"] is not None),
         )
     except (ValueError, FileNotFoundError) as err:

@@ -95,6 +95,18 @@ def test_evaluate_trains_above_chance(label_mode, dsa):
     assert result["protocol"]["labels"] == label_mode and result["protocol"]["dsa"] == dsa
 
 
+def test_evaluate_runs_split_over_processes_match():
+    ds = data.load("synthetic")
+    idx = random_method.select(ds.train_labels, ds.num_classes, 2, seed=0)
+    images, labels = ds.normalize(ds.train_images[idx]), ds.train_labels[idx]
+    kwargs = dict(width=8, epochs=3, dsa=True, seed=4)
+    both = evaluate.evaluate_synset(images, labels, ds, runs=2, **kwargs)
+    second = evaluate.evaluate_synset(images, labels, ds, runs=1, first_run=1, **kwargs)
+    assert second["accs"] == both["accs"][1:] and second["protocol"]["first_run"] == 1
+    with pytest.raises(ValueError, match="first run must be >= 0"):
+        evaluate.evaluate_synset(images, labels, ds, runs=1, first_run=-1, **kwargs)
+
+
 def test_evaluate_rejects_soft_mode_without_soft_labels():
     ds = data.load("synthetic")
     with pytest.raises(ValueError, match="needs a distilled set with soft labels"):
