@@ -484,3 +484,26 @@ def test_cuda_eigensolver_compiles_with_nvcc(nvcc_reports, arch):
 def test_cuda_source_has_no_torch_headers():
     src = (ROOT / "csrc" / "densify_cuda.cu").read_text()
     assert "torch/" not in src and "ATen" not in src and '#include "jacobi.h"' in src
+
+
+def test_cpu_parallel_phases_match_reference():
+    """Large enough for the cpu backend's multi-threaded phases (pooling, Gram, one LAPACK share per
+    thread) with ragged classes on both sides of the LAPACK/Jacobi split (20, 7 and 23 images)."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(230, 3, 64, 64, generator=gen)
+    labels = torch.cat([torch.arange(10).repeat_interleave(20), torch.full((7,), 10), torch.full((23,), 11)])
+    labels = labels[torch.randperm(230, generator=gen)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = x.clone().requires_grad_(True)
+        with use_backend("cpu"):
+            loss = densify_loss(fast, labels)
+        loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    oracle = x.double().requires_grad_(True)
+    expected = ref.densify_loss(oracle, labels)
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) <= 1e-5 * abs(float(expected.detach()))
+    assert rel_error(fast.grad.double(), oracle.grad) < 1e-4
