@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 

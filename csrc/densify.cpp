@@ -39,7 +39,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <memory>
 #include <numeric>
 #include <string>
 #include <tuple>
