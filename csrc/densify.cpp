@@ -16,16 +16,18 @@
 //      fast path), or a row gather when H = W = pool (skipped when the labels are already sorted);
 //   2. Gram: OpenMP work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
 //      (float inputs: 8-wide fp32 FMAs over chunks of 64 elements, each chunk added in float64);
-//   3. eigensolve in float64, the class loss and 2·dG: classes of >= kLapackMinN images through one
-//      batched LAPACK call per class size, smaller ones through the one-sided parallel-order Jacobi
-//      solver (csrc/jacobi.h, AVX2 copy when the CPU has it; the GPU kernel's algorithm);
-//   4. dX̂_k = 2 dG_k X̂_k: one ATen GEMM per class (written straight into dimages when X̂ is the images);
-//   5. back to image order: adaptive-pooling backward (integer factors write each pixel once) or a
-//      row scatter.
-// Buffers handed to BLAS are 64-byte aligned, so results repeat exactly for a given thread count;
-// the OpenMP phases (1, 2, 5) run in a fixed order and do not depend on it. A phase uses several
-// threads only when its work is large (kParallelWork). DDFAST_DENSIFY_PROFILE=1 prints the time of
-// each phase to stderr; DDFAST_DENSIFY_ISA=base disables the AVX2 kernels.
+//   3. eigensolve in float64, the class loss and 2·dG: classes of >= kLapackMinN images through direct
+//      LAPACK dsyevd calls spread over the threads, smaller ones through the one-sided parallel-order
+//      Jacobi solver (csrc/jacobi.h, AVX2 copy when the CPU has it; the GPU kernel's algorithm);
+//   4+5. per block of rows of a class: dX̂ = 2 dG_k X̂_k (one single-threaded BLAS GEMM, written
+//      straight into dimages when X̂ is the images in batch order), then back to image order while the
+//      block is in cache: adaptive-pooling backward (integer factors write each pixel once; 2 x 2 with
+//      streaming stores) or a row copy.
+// Every GEMM and eigensolve runs on one thread with a layout that does not depend on the thread
+// count, and the OpenMP phases write disjoint outputs, so results repeat exactly for any number of
+// threads. A phase uses several threads only when its work is large (kParallelWork).
+// DDFAST_DENSIFY_PROFILE=1 prints the time of each phase to stderr; DDFAST_DENSIFY_ISA=base selects the
+// portable path (no AVX2 kernels, ATen instead of direct BLAS/LAPACK calls).
 //
 // Ragged classes are exact (each class is its own n_k x n_k problem, no padding); a class of one
 // image contributes 0. NaN/Inf images (or a Gram matrix that overflows) raise ValueError before any
@@ -34,12 +36,14 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -72,6 +76,8 @@ namespace ddfast {
 namespace densify {
 
 constexpr int kRowBlock = 4;
+// Phase 4 GEMM blocks: rows of one class per work item (a class of 50 splits into 2 x 25).
+constexpr int64_t kDxRows = 32;
 // A phase runs on all OpenMP threads only above this many multiply-adds / pixels (~1 ms on one core):
 // below it the fork/join costs more than it saves. (On a machine shared with a background job a join
 // can wait a whole scheduler slice for a descheduled thread; measured ~12 ms on 2 busy cores.)
@@ -83,12 +89,17 @@ constexpr int64_t kGramChunk = 64;
 constexpr int64_t kLapackMinN = 9;
 
 // ------------------------------------------------------------------------------------ ISA choice
+// DDFAST_DENSIFY_ISA=base selects the portable path: no AVX2 kernels and no direct BLAS/LAPACK calls
+// (ATen's GEMM and batched eigh instead), so the tests can check it on any machine.
+inline bool portable_only() {
+  const char* env = std::getenv("DDFAST_DENSIFY_ISA");
+  return env && std::string(env) == "base";
+}
+
 inline bool use_avx2() {
 #ifdef DDFAST_DENSIFY_X86
-  const char* env = std::getenv("DDFAST_DENSIFY_ISA");
-  if (env && std::string(env) == "base") return false;
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return ok && !portable_only();
 #else
   return false;
 #endif
@@ -168,6 +179,66 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
   }
 }
 
+
+// Pooling by 2 x 2 (64 -> 32 px, the G-VBSM default on 64 px data) of one image of float rows
+// (H = W = 2P): 8 outputs per step from two input rows, the same additions as the generic path
+// ((r0[w] + r1[w]) + (r0[w+1] + r1[w+1])) * 0.25, so results are bit-identical.
+DDFAST_AVX2 void pool_2x2_avx2(const float* img, int64_t C, int64_t P, float* out) {
+  const int64_t W = 2 * P;
+  const __m256 quarter = _mm256_set1_ps(0.25f);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t oh = 0; oh < P; ++oh) {
+      const float* r0 = img + (c * 2 * P + 2 * oh) * W;
+      const float* r1 = r0 + W;
+      float* dst = out + (c * P + oh) * P;
+      int64_t ow = 0;
+      for (; ow + 8 <= P; ow += 8) {
+        const int64_t w = 2 * ow;
+        const __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(r0 + w), _mm256_loadu_ps(r1 + w));
+        const __m256 s1 = _mm256_add_ps(_mm256_loadu_ps(r0 + w + 8), _mm256_loadu_ps(r1 + w + 8));
+        // hadd pairs within 128-bit lanes: [a01 a23 b01 b23 | a45 a67 b45 b67] -> [a01 a23 a45 a67 b01 ..]
+        const __m256 h = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(s0, s1)), 0xD8));
+        _mm256_storeu_ps(dst + ow, _mm256_mul_ps(h, quarter));
+      }
+      for (; ow < P; ++ow) dst[ow] = ((r0[2 * ow] + r1[2 * ow]) + (r0[2 * ow + 1] + r1[2 * ow + 1])) * 0.25f;
+    }
+  }
+}
+
+// Its backward: every pixel of the 2 x 2 bin gets g / 4. The image is written once and not read
+// again by this kernel, so 32-byte aligned rows use non-temporal stores (no read-for-ownership of
+// the 2x larger output); the caller issues the store fence.
+DDFAST_AVX2 void pool_backward_2x2_avx2(const float* g, int64_t C, int64_t P, float* dimg) {
+  const int64_t W = 2 * P;
+  const __m256 quarter = _mm256_set1_ps(0.25f);
+  const bool stream = (reinterpret_cast<uintptr_t>(dimg) % 32 == 0) && (W % 8 == 0);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t oh = 0; oh < P; ++oh) {
+      const float* src = g + (c * P + oh) * P;
+      float* d0 = dimg + (c * 2 * P + 2 * oh) * W;
+      float* d1 = d0 + W;
+      int64_t ow = 0;
+      for (; ow + 8 <= P; ow += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + ow), quarter);
+        const __m256 lo = _mm256_unpacklo_ps(v, v), hi = _mm256_unpackhi_ps(v, v);
+        const __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20), b = _mm256_permute2f128_ps(lo, hi, 0x31);
+        if (stream) {
+          _mm256_stream_ps(d0 + 2 * ow, a);
+          _mm256_stream_ps(d0 + 2 * ow + 8, b);
+          _mm256_stream_ps(d1 + 2 * ow, a);
+          _mm256_stream_ps(d1 + 2 * ow + 8, b);
+        } else {
+          _mm256_storeu_ps(d0 + 2 * ow, a);
+          _mm256_storeu_ps(d0 + 2 * ow + 8, b);
+          _mm256_storeu_ps(d1 + 2 * ow, a);
+          _mm256_storeu_ps(d1 + 2 * ow + 8, b);
+        }
+      }
+      for (; ow < P; ++ow) d0[2 * ow] = d0[2 * ow + 1] = d1[2 * ow] = d1[2 * ow + 1] = src[ow] * 0.25f;
+    }
+  }
+}
+
 #endif
 
 template <typename T>
@@ -178,6 +249,36 @@ void gram_block(bool avx2, const T* const* rows_blk, int nr, const T* const* row
 #endif
   (void)avx2;
   gram_block_base<T>(rows_blk, nr, rows, nj, D, out, ldo);
+}
+
+// dX̂ rows: out (m x D, row stride ldo) = coef (m x n, row stride n) · X̂ (n x D, row stride ldx), one
+// single-threaded BLAS GEMM called from inside the OpenMP region (the BLAS that torch links, MKL or
+// OpenBLAS, runs on the calling thread there). A multiply-add kernel of our own reading one cache
+// line of each of the n class rows per step ran 4x slower than the GEMM (50 rows of 12 KiB: more
+// streams than the hardware prefetcher follows). Without the Fortran symbols in the process (a torch
+// build without a BLAS) the same product goes through at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc, size_t transa_len, size_t transb_len) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc, size_t transa_len, size_t transb_len) __attribute__((weak));
+}
+
+template <typename T>
+void rows_gemm(const T* coef, int m, int n, const T* x, int64_t ldx, int64_t D, T* out, int64_t ldo) {
+  // row-major out = coef · x is column-major outᵀ (D x m) = xᵀ (D x n) · coefᵀ (n x m)
+  const int Di = int(D), lx = int(ldx), lo = int(ldo);
+  const T one = T(1), zero = T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr && !portable_only()) return sgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
+  } else {
+    if (dgemm_ != nullptr && !portable_only()) return dgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor o = at::from_blob(out, {m, D}, {ldo, 1}, opts);
+  at::mm_out(o, at::from_blob(const_cast<T*>(coef), {m, n}, opts), at::from_blob(const_cast<T*>(x), {n, D}, {ldx, 1}, opts));
 }
 
 // ------------------------------------------------------------------------------ pooling
@@ -199,7 +300,14 @@ struct Bins {
 // Separable: sum the bin's input rows (contiguous, vectorized), then the columns of each bin.
 // Integer factors (H = kh·P, W = kw·P: disjoint kh x kw bins) take a fast path in the input precision.
 template <typename T>
-void pool_image(const T* img, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh, const Bins& bw, T* out) {
+void pool_image(bool avx2, const T* img, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh, const Bins& bw,
+                T* out) {
+#ifdef DDFAST_DENSIFY_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2 && H == 2 * P && W == 2 * P) return pool_2x2_avx2(img, C, P, out);
+  }
+#endif
+  (void)avx2;
   if (H % P == 0 && W % P == 0) {
     const int64_t kh = H / P, kw = W / P;
     const T scale = T(1) / T(kh * kw);
@@ -254,8 +362,14 @@ void pool_image(const T* img, int64_t C, int64_t H, int64_t W, int64_t P, const 
 // dimg[h][w] = Σ over the bins (oh, ow) containing (h, w) of g[oh][ow] / (|bin_h(oh)| |bin_w(ow)|).
 // Writes every pixel of the image (no zero-filled output needed).
 template <typename T>
-void pool_backward_image(const T* g, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh, const Bins& bw,
-                         T* dimg) {
+void pool_backward_image(bool avx2, const T* g, int64_t C, int64_t H, int64_t W, int64_t P, const Bins& bh,
+                         const Bins& bw, T* dimg) {
+#ifdef DDFAST_DENSIFY_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2 && H == 2 * P && W == 2 * P) return pool_backward_2x2_avx2(g, C, P, dimg);
+  }
+#endif
+  (void)avx2;
   std::vector<T> row(W);
   if (H % P == 0 && W % P == 0) {  // disjoint bins: every pixel gets exactly one value
     const int64_t kh = H / P, kw = W / P;
@@ -383,33 +497,83 @@ ClassResult solve_class_jacobi(bool avx2, const double* gram, int n, double tau,
   return res;
 }
 
-// Classes of n >= kLapackMinN images: all classes of one size in one batched float64
-// torch.linalg.eigh (LAPACK's divide and conquer: measured 6x faster than the Jacobi solver at n = 50,
-// 12x at n = 128, on one core). Status 0 for these classes; LAPACK failures raise.
+// Classes of n >= kLapackMinN images: float64 LAPACK divide and conquer (dsyevd; measured 6x faster
+// than the Jacobi solver at n = 50, 12x at n = 128, on one core). Status 0 for these classes; LAPACK
+// failures raise. dsyevd is called directly, one matrix at a time, from inside an OpenMP region (so
+// MKL runs it on one thread): torch.linalg.eigh adds copies per call, and a multi-threaded MKL makes a
+// 50 x 50 solve slower (measured 533 vs 351 us per matrix with 2 threads); the classes are spread
+// over the OpenMP threads instead. Without a dsyevd symbol in the process (a torch build on another LAPACK) the classes go
+// through one batched at::linalg_eigh per class size.
+extern "C" {
+void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w, double* work,
+             const int* lwork, int* iwork, const int* liwork, int* info, size_t jobz_len, size_t uplo_len)
+    __attribute__((weak));
+}
+
+// Estimated microseconds of one n x n eigensolve with vectors on one core (fit of direct dsyevd calls,
+// MKL: 13 us at n = 10, 42 us at n = 20, 191 us at n = 50, 1.24 ms at n = 128).
+inline double lapack_us(int64_t n) { return 5.0 + 0.075 * double(n) * double(n); }
+
+// eigenvalues (ascending) into w and eigenvectors as the rows of a (n x n, symmetric input) via dsyevd
+inline void dsyevd_rows(double* a, int n, double* w, std::vector<double>* work, std::vector<int>* iwork) {
+  int info = 0, lwork = -1, liwork = -1, iwork_query = 0;
+  double work_query = 0.0;  // workspace query: the blocked tridiagonalisation needs more than the minimum
+  dsyevd_("V", "L", &n, a, &n, w, &work_query, &lwork, &iwork_query, &liwork, &info, 1, 1);
+  lwork = std::max(int(work_query), 1 + 6 * n + 2 * n * n);
+  liwork = std::max(iwork_query, 3 + 5 * n);
+  work->resize(size_t(lwork));
+  iwork->resize(size_t(liwork));
+  // symmetric, so row-major = column-major; LAPACK's eigenvector columns are rows in row-major
+  dsyevd_("V", "L", &n, a, &n, w, work->data(), &lwork, iwork->data(), &liwork, &info, 1, 1);
+  if (info != 0) throw std::runtime_error("densify_loss: LAPACK dsyevd failed (info " + std::to_string(info) + ")");
+}
+
 template <typename T>
-void solve_classes_lapack(const std::vector<int64_t>& ks, int n, const double* gram, const std::vector<int64_t>& gram_off,
-                          double tau, T* coef, std::vector<ClassResult>* results) {
+void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, const double* gram,
+                          const std::vector<int64_t>& gram_off, double tau, T* coef, std::vector<ClassResult>* results) {
+  const std::vector<int64_t>& off = layout.offsets;
   const int64_t m = int64_t(ks.size());
-  at::Tensor a = at::empty({m, n, n}, at::kDouble);
-  for (int64_t i = 0; i < m; ++i) symmetrize(gram + gram_off[ks[i]], n, a.data_ptr<double>() + i * n * n);
-  // one LAPACK call per thread on a share of the matrices (each call loops over its share)
-  const int64_t parts = 2.0 * n * n * n * m > kParallelWork ? std::min<int64_t>(m, num_threads()) : 1;
-  at::Tensor w = at::empty({m, n}, at::kDouble), v = at::empty({m, n, n}, at::kDouble);
-#pragma omp parallel for schedule(static) if (parts > 1)
-  for (int64_t t = 0; t < parts; ++t) {
-    const int64_t lo = m * t / parts, hi = m * (t + 1) / parts;
-    auto [wt, vt_part] = at::linalg_eigh(a.slice(0, lo, hi), "L");
-    w.slice(0, lo, hi).copy_(wt);
-    v.slice(0, lo, hi).copy_(vt_part);
+  if (dsyevd_ == nullptr || portable_only()) {  // no direct LAPACK: one batched torch call per class size
+    std::map<int64_t, std::vector<int64_t>> by_size;
+    for (int64_t k : ks) by_size[off[k + 1] - off[k]].push_back(k);
+    for (const auto& [n, group] : by_size) {
+      at::Tensor a = at::empty({int64_t(group.size()), n, n}, at::kDouble);
+      for (size_t i = 0; i < group.size(); ++i) symmetrize(gram + gram_off[group[i]], int(n), a.data_ptr<double>() + i * n * n);
+      auto [w, v] = at::linalg_eigh(a, "L");
+      at::Tensor vt = v.transpose(1, 2).contiguous();  // rows = eigenvectors
+      for (size_t i = 0; i < group.size(); ++i) {
+        const int64_t k = group[i];
+        (*results)[k].loss = loss_and_coef<T>(w.data_ptr<double>() + i * n, vt.data_ptr<double>() + i * n * n, int(n),
+                                              tau, coef ? coef + gram_off[k] : nullptr);
+      }
+    }
+    return;
   }
-  at::Tensor vt = v.transpose(1, 2).contiguous();  // rows = eigenvectors
-  const double* wp = w.data_ptr<double>();
-  const double* vp = vt.data_ptr<double>();
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t k = ks[i];
-    (*results)[k].loss = loss_and_coef<T>(wp + i * n, vp + i * n * n, n, tau, coef ? coef + gram_off[k] : nullptr);
-    (*results)[k].status = 0;
+  double total_us = 0.0;
+  for (int64_t k : ks) total_us += lapack_us(off[k + 1] - off[k]);
+  const bool parallel = m > 1 && total_us > 1e3 * kParallelWork / 4e6;
+  std::vector<std::string> errors(m);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<double> a, w, work;
+    std::vector<int> iwork;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < m; ++i) {  // ks: largest classes first
+      const int64_t k = ks[i];
+      const int n = int(off[k + 1] - off[k]);
+      a.resize(size_t(n) * n);
+      w.resize(n);
+      symmetrize(gram + gram_off[k], n, a.data());
+      try {
+        dsyevd_rows(a.data(), n, w.data(), &work, &iwork);
+        (*results)[k].loss = loss_and_coef<T>(w.data(), a.data(), n, tau, coef ? coef + gram_off[k] : nullptr);
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+      }
+    }
   }
+  for (const std::string& e : errors)
+    if (!e.empty()) throw std::runtime_error(e);
 }
 
 // ------------------------------------------------------------------------------ driver
@@ -435,25 +599,30 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const bool par_pool = double(B) * C * H * W > kParallelWork;
 
-  // 1. X̂: pooled rows in class order, contiguous per class (the images themselves when no pooling
-  //    and no reordering is needed)
-  at::Tensor pooled_store;  // ATen storage: 64-byte aligned for BLAS
+  // 1. X̂: pooled rows in class order (the images themselves when no pooling and no reordering is
+  //    needed). Row stride ld: a row of a multiple of 512 bytes (3 x 32 x 32 floats = 12 KiB) gets one
+  //    cache line of padding, so the rows of a class do not all map to the same L1 set when phase 4
+  //    reads a line of each (measured: 2.5x slower dX̂ with the unpadded 12 KiB stride).
+  at::Tensor pooled_store;  // page-resident (csrc/buffer_cache.cpp)
   const T* xs = x;
+  int64_t ld = D;
   if (!(identity && sorted)) {
-    pooled_store = at::empty({B, D}, opts);
+    const int64_t line = 64 / int64_t(sizeof(T));
+    ld = (D * int64_t(sizeof(T))) % 512 == 0 ? D + line : D;
+    pooled_store = cached_empty({B, ld}, opts, at::MemoryFormat::Contiguous);
     T* pooled = pooled_store.data_ptr<T>();
     const Bins bh(P, H), bw(P, W);
 #pragma omp parallel for schedule(static) if (par_pool)
     for (int64_t r = 0; r < B; ++r) {
       if (identity)
-        std::memcpy(pooled + r * D, x + order[r] * D, size_t(D) * sizeof(T));
+        std::memcpy(pooled + r * ld, x + order[r] * D, size_t(D) * sizeof(T));
       else
-        pool_image(x + order[r] * C * H * W, C, H, W, P, bh, bw, pooled + r * D);
+        pool_image(avx2, x + order[r] * C * H * W, C, H, W, P, bh, bw, pooled + r * ld);
     }
     xs = pooled;
   }
   std::vector<const T*> rows(B);
-  for (int64_t r = 0; r < B; ++r) rows[r] = xs + r * D;
+  for (int64_t r = 0; r < B; ++r) rows[r] = xs + r * ld;
 
   lap("pool");
   // work items (class, first row of a block of kRowBlock rows)
@@ -501,18 +670,12 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   at::Tensor coef = at::empty({with_grad ? gram_off[K] : 0}, opts);
   T* coef_p = with_grad ? coef.data_ptr<T>() : nullptr;
   std::vector<ClassResult> results(K);
-  std::vector<int64_t> small;                     // Jacobi classes, largest first
-  std::map<int64_t, std::vector<int64_t>> large;  // LAPACK classes by size
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t n = off[k + 1] - off[k];
-    if (n < kLapackMinN)
-      small.push_back(k);
-    else
-      large[n].push_back(k);
-  }
-  std::stable_sort(small.begin(), small.end(),
-                   [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
-  for (const auto& [n, ks] : large) solve_classes_lapack<T>(ks, int(n), gram.data(), gram_off, tau, coef_p, &results);
+  std::vector<int64_t> small, large;  // Jacobi / LAPACK classes, largest first
+  for (int64_t k = 0; k < K; ++k) (off[k + 1] - off[k] < kLapackMinN ? small : large).push_back(k);
+  const auto larger = [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; };
+  std::stable_sort(small.begin(), small.end(), larger);
+  std::stable_sort(large.begin(), large.end(), larger);
+  if (!large.empty()) solve_classes_lapack<T>(large, layout, gram.data(), gram_off, tau, coef_p, &results);
   const int64_t n_small = int64_t(small.size());
 #pragma omp parallel for schedule(dynamic, 1) if (par_eig)
   for (int64_t idx = 0; idx < n_small; ++idx) {
@@ -531,30 +694,51 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
   }
   if (!with_grad) return {loss, status};
 
-  // 4. dX̂_k = (2 dG_k) X̂_k: one GEMM per class (ATen's BLAS with its own threads), straight into dx
-  //    when X̂ is the images themselves
-  at::Tensor dpooled = xs == x ? at::Tensor() : at::empty({B, D}, opts);  // fully written below
-  T* dxs = xs == x ? dx : dpooled.data_ptr<T>();
+  // 4. dX̂_k = (2 dG_k) X̂_k for blocks of at most kDxRows rows of a class into a per-thread buffer
+  //    (straight into dx when X̂ is the images in batch order), then 5. back to image order through the
+  //    pooling backward while the block is still in cache. Rows are independent and each block is one
+  //    single-threaded GEMM: the same result for any thread count.
+  std::vector<std::array<int64_t, 3>> dx_items;  // (class, first row, rows)
+  int64_t max_rows = 0;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = off[k + 1] - off[k];
-    at::Tensor out = at::from_blob(dxs + off[k] * D, {n, D}, opts);
-    at::mm_out(out, at::from_blob(coef_p + gram_off[k], {n, n}, opts),
-               at::from_blob(const_cast<T*>(xs + off[k] * D), {n, D}, opts));
+    const int64_t blocks = (n + kDxRows - 1) / kDxRows, per = (n + blocks - 1) / blocks;
+    for (int64_t i0 = 0; i0 < n; i0 += per) dx_items.push_back({k, i0, std::min(per, n - i0)});
+    max_rows = std::max(max_rows, per);
   }
-
-  lap("dx");
-  // 5. back to image order: pooling backward (or a row copy when there is no pooling)
-  if (xs != x) {
-    const Bins bh(P, H), bw(P, W);
-#pragma omp parallel for schedule(static) if (par_pool)
-    for (int64_t r = 0; r < B; ++r) {
-      if (identity)
-        std::memcpy(dx + order[r] * D, dxs + r * D, size_t(D) * sizeof(T));
-      else
-        pool_backward_image(dxs + r * D, C, H, W, P, bh, bw, dx + order[r] * C * H * W);
+  std::stable_sort(dx_items.begin(), dx_items.end(), [&](const auto& a, const auto& b) {
+    return a[2] * (off[a[0] + 1] - off[a[0]]) > b[2] * (off[b[0] + 1] - off[b[0]]);
+  });
+  const bool direct = identity && sorted;
+  const bool par_dx = dx_items.size() > 1 && (gemm_work > kParallelWork || par_pool);
+  const int threads = par_dx ? num_threads() : 1;
+  const int64_t slot = (max_rows * D + 15) / 16 * 16;  // 64-byte aligned per-thread slices
+  at::Tensor block_store = direct ? at::Tensor() : cached_empty({threads * slot}, opts, at::MemoryFormat::Contiguous);
+  const Bins bh(P, H), bw(P, W);
+  const int64_t n_dx = int64_t(dx_items.size());
+#pragma omp parallel if (par_dx)
+  {
+    T* block = direct ? nullptr : block_store.data_ptr<T>() + thread_index() * slot;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_dx; ++it) {
+      const int64_t k = dx_items[it][0], i0 = dx_items[it][1], m = dx_items[it][2];
+      const int64_t n = off[k + 1] - off[k];
+      T* out = direct ? dx + (off[k] + i0) * D : block;
+      rows_gemm<T>(coef_p + gram_off[k] + i0 * n, int(m), int(n), rows[off[k]], ld, D, out, D);
+      if (direct) continue;
+      for (int64_t r = 0; r < m; ++r) {
+        T* dst = dx + order[off[k] + i0 + r] * C * H * W;
+        if (identity)
+          std::memcpy(dst, out + r * D, size_t(D) * sizeof(T));
+        else
+          pool_backward_image(avx2, out + r * D, C, H, W, P, bh, bw, dst);
+      }
     }
+#ifdef DDFAST_DENSIFY_X86
+    _mm_sfence();  // the pooling backward's non-temporal stores are visible before the region ends
+#endif
   }
-  lap("poolbwd");
+  lap("dx+poolbwd");
   return {loss, status};
 }
 

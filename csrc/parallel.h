@@ -23,4 +23,13 @@ inline int num_threads() {
 #endif
 }
 
+// index of the calling thread inside an OpenMP parallel region (0 outside one)
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace ddfast

@@ -507,3 +507,43 @@ def test_cpu_parallel_phases_match_reference():
     expected.backward()
     assert abs(float(loss.detach()) - float(expected.detach())) <= 1e-5 * abs(float(expected.detach()))
     assert rel_error(fast.grad.double(), oracle.grad) < 1e-4
+
+
+# (counts, channels, size, pool, labels sorted)
+PATH_CASES = {
+    # AVX2 2x2 pooling with a ragged tail (45 = 5 x 8 + 5), large enough for the multi-threaded phases
+    "2x2-odd-pool": ([64, 7, 60, 1, 40], 3, 90, 45, False),
+    "identity-sorted": ([40, 9, 3], 1, 32, 32, True),  # dX̂ GEMM straight into the gradient
+    "identity-shuffled": ([40, 9, 3], 3, 16, 16, False),
+    "uneven-bins": ([15, 12], 3, 30, 14, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("isa", ["native", "base"])
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_cpu_code_paths_match_reference_and_repeat_across_threads(monkeypatch, case, isa, dtype):
+    """Both CPU code paths (native: AVX2 kernels + direct BLAS/LAPACK; base: portable loops + ATen
+    GEMM/eigh) against the float64 reference, and bit-for-bit equal with 1 and 2 threads."""
+    counts, channels, size, pool, sorted_labels = PATH_CASES[case]
+    if isa == "base":
+        monkeypatch.setenv("DDFAST_DENSIFY_ISA", "base")
+    seed = zlib.crc32(case.encode())
+    x = _images(sum(counts), channels, size, seed, dtype=dtype, pool=pool)
+    labels = _labels(counts, seed)
+    if sorted_labels:
+        labels = labels.sort().values
+    loss64, grad64 = _reference(x, labels, pool=pool)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            runs.append(_op(x, labels, "cpu", pool=pool))
+        finally:
+            torch.set_num_threads(1)
+    (loss, grad), (loss2, grad2) = runs
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert float(loss64) > 1e-3
+    assert abs(float(loss) - float(loss64)) <= tol * float(loss64)
+    assert rel_error(grad, grad64) <= (1e-4 if dtype == torch.float32 else 1e-9)
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2), "result depends on the thread count"

@@ -8,9 +8,11 @@ dispatched by :func:`ddfast.backend.select_backend` to
 
 * ``cpu`` (``ddfast._C.densify_forward``, csrc/densify.cpp): work items over all classes (OpenMP for
   large batches), Gram accumulation in float64, float64 eigensolves: classes of >= 9 images through
-  one batched LAPACK call per class size (6x faster than Jacobi at n = 50 on a CPU core), smaller
-  ones through the one-sided parallel-order Jacobi solver (csrc/jacobi.h, shared with the CUDA
-  kernel); dX̂ = 2·dG·X̂ as one GEMM per class; outputs from the page-resident buffer cache;
+  direct LAPACK ``dsyevd`` calls spread over the threads (6x faster than Jacobi at n = 50 on a CPU
+  core), smaller ones through the one-sided parallel-order Jacobi solver (csrc/jacobi.h, shared with
+  the CUDA kernel); dX̂ = 2·dG·X̂ as single-threaded BLAS GEMMs over blocks of class rows, each followed
+  by its pooling backward while in cache; outputs from the page-resident buffer cache;
+  ``DDFAST_DENSIFY_ISA=base`` selects the portable path (no AVX2 kernels, ATen GEMM and eigh);
 * ``triton`` (kernels/densify.py): pooling, Gram matrices and dX̂ = 2·dG·X̂ in Triton kernels, the small
   eigensolve with ``torch.linalg.eigh`` in float64 (or the CUDA Jacobi kernel of csrc/densify_cuda.cu
   when a CUDA build of the extension provides it);
