@@ -147,34 +147,75 @@ DDFAST_AVX2 inline double hsum_pd(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
 }
 
-// float rows: 4 rows x 1 column per pass, 8-wide fp32 FMAs, flushed to float64 every 64 elements.
+// float rows: 4 rows x 2 columns per pass, 8-wide fp32 FMAs, flushed to float64 every 64 elements.
+// Cache blocking: a span of kGramSpan elements of the block's 4 rows (16 KiB) stays in L1 while up to
+// kGramCols columns stream past it, their float64 partial sums (8 KiB) in L1 too; reading whole rows
+// per column instead made the phase L2-bound (measured 2.4x slower on 10 classes x 50 x 3072). The
+// additions happen in the same order as without blocking, so the blocking does not change results.
+constexpr int kGramCols = 64;
+constexpr int64_t kGramSpan = 1024;  // a multiple of kGramChunk
+
+// adds a chunk's 8 fp32 lane sums to 4 float64 lanes (low half, then high half)
+DDFAST_AVX2 inline void flush_chunk(__m256 acc, __m256d* tot) {
+  *tot = _mm256_add_pd(*tot, _mm256_cvtps_pd(_mm256_castps256_ps128(acc)));
+  *tot = _mm256_add_pd(*tot, _mm256_cvtps_pd(_mm256_extractf128_ps(acc, 1)));
+}
 template <>
 DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, const float* const* rows, int nj,
                                         int64_t D, double* out, int ldo) {
   const float* a[kRowBlock];
   for (int r = 0; r < kRowBlock; ++r) a[r] = rows_blk[r < nr ? r : nr - 1];
   const int64_t D8 = D & ~int64_t(7);
-  for (int j = 0; j < nj; ++j) {
-    const float* b = rows[j];
-    __m256d tot[kRowBlock];
-    for (int r = 0; r < kRowBlock; ++r) tot[r] = _mm256_setzero_pd();
-    for (int64_t d0 = 0; d0 < D8; d0 += kGramChunk) {
-      const int64_t e = std::min(D8, d0 + kGramChunk);
-      __m256 acc[kRowBlock];
-      for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t d = d0; d < e; d += 8) {
-        const __m256 bv = _mm256_loadu_ps(b + d);
-        for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a[r] + d), bv, acc[r]);
+  __m256d tot[kGramCols][kRowBlock];
+  for (int j0 = 0; j0 < nj; j0 += kGramCols) {
+    const int jn = std::min(kGramCols, nj - j0);
+    for (int c = 0; c < jn; ++c)
+      for (int r = 0; r < kRowBlock; ++r) tot[c][r] = _mm256_setzero_pd();
+    for (int64_t s0 = 0; s0 < D8; s0 += kGramSpan) {
+      const int64_t s1 = std::min(D8, s0 + kGramSpan);
+      int c = 0;
+      for (; c + 2 <= jn; c += 2) {  // two columns: 8 independent FMA chains hide the FMA latency
+        const float* b0 = rows[j0 + c];
+        const float* b1 = rows[j0 + c + 1];
+        for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk) {
+          const int64_t e = std::min(s1, d0 + kGramChunk);
+          __m256 acc0[kRowBlock], acc1[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+          for (int64_t d = d0; d < e; d += 8) {
+            const __m256 bv0 = _mm256_loadu_ps(b0 + d), bv1 = _mm256_loadu_ps(b1 + d);
+            for (int r = 0; r < kRowBlock; ++r) {
+              const __m256 av = _mm256_loadu_ps(a[r] + d);
+              acc0[r] = _mm256_fmadd_ps(av, bv0, acc0[r]);
+              acc1[r] = _mm256_fmadd_ps(av, bv1, acc1[r]);
+            }
+          }
+          for (int r = 0; r < kRowBlock; ++r) {
+            flush_chunk(acc0[r], &tot[c][r]);
+            flush_chunk(acc1[r], &tot[c + 1][r]);
+          }
+        }
       }
-      for (int r = 0; r < kRowBlock; ++r) {
-        tot[r] = _mm256_add_pd(tot[r], _mm256_cvtps_pd(_mm256_castps256_ps128(acc[r])));
-        tot[r] = _mm256_add_pd(tot[r], _mm256_cvtps_pd(_mm256_extractf128_ps(acc[r], 1)));
+      for (; c < jn; ++c) {
+        const float* b = rows[j0 + c];
+        for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk) {
+          const int64_t e = std::min(s1, d0 + kGramChunk);
+          __m256 acc[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_setzero_ps();
+          for (int64_t d = d0; d < e; d += 8) {
+            const __m256 bv = _mm256_loadu_ps(b + d);
+            for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a[r] + d), bv, acc[r]);
+          }
+          for (int r = 0; r < kRowBlock; ++r) flush_chunk(acc[r], &tot[c][r]);
+        }
       }
     }
-    for (int r = 0; r < nr; ++r) {
-      double s = hsum_pd(tot[r]);
-      for (int64_t d = D8; d < D; ++d) s += double(a[r][d]) * double(b[d]);
-      out[r * ldo + j] = s;
+    for (int c = 0; c < jn; ++c) {
+      const float* b = rows[j0 + c];
+      for (int r = 0; r < nr; ++r) {
+        double s = hsum_pd(tot[c][r]);
+        for (int64_t d = D8; d < D; ++d) s += double(a[r][d]) * double(b[d]);
+        out[r * ldo + j0 + c] = s;
+      }
     }
   }
 }
