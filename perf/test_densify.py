@@ -2,12 +2,13 @@
 
 Providers, side by side in one run (kernel "densify", mode "fwd_bwd"):
   ddfast    — ddfast.ops.densify_loss on the cpu backend (ddfast._C: all classes in one call,
-              float64 eigensolves (LAPACK per class size, Jacobi below 9 images), the gradient
+              float64 eigensolves (LAPACK dsyevd per class, Jacobi below 9 images), the gradient
               computed in the same pass);
   official  — the G-VBSM code's way: a Python loop over the classes, general torch.linalg.eigvals
               per class Gram matrix (ddfast/reference/densify_official.py);
   reference — the batched pure-PyTorch version: one padded torch.linalg.eigvalsh + autograd
-              (ddfast/reference/densify.py).
+              (ddfast/reference/densify.py);
+  torch_compile — torch.compile of that reference (compiled once per case before timing).
 Shapes: (a) 10 classes x 10 images, (b) 100 x 10, both 3x32x32; (c) 10 x 50 at 3x64x64 (pooled to
 32x32). Images are randn (a distillation's starting point); labels shuffled. Times are medians over
 repeated calls (the machine is shared: ratios measured in one run are what counts). Acceptance: ddfast
@@ -72,14 +73,22 @@ def test_densify_fwd_bwd(case):
         loss.backward()
         return loss
 
-    providers = {"ddfast": ddfast, "official": official, "reference": reference}
+    compiled_loss = torch.compile(reference_loss)
+
+    def torch_compile():
+        loss = compiled_loss(x, labels)
+        loss.backward()
+        return loss
+
+    providers = {"ddfast": ddfast, "official": official, "reference": reference, "torch_compile": torch_compile}
     # the three agree (float32 inputs, float32 official/reference: loose check)
     losses = {}
     for name, fn in providers.items():
         x.grad = None
         losses[name] = float(fn().detach())
     scale = max(abs(losses["reference"]), 1e-3)
-    assert abs(losses["ddfast"] - losses["reference"]) <= 1e-2 * scale + 1e-6, losses
+    for name in ("ddfast", "torch_compile"):
+        assert abs(losses[name] - losses["reference"]) <= 1e-2 * scale + 1e-6, losses
 
     times, mems = {}, {}
     for name, fn in providers.items():
@@ -96,9 +105,11 @@ def test_densify_fwd_bwd(case):
 
     vs_off = times["official"][0] / times["ddfast"][0]
     vs_ref = times["reference"][0] / times["ddfast"][0]
-    _table.append((shape, times, mems, vs_off, vs_ref))
+    vs_compile = times["torch_compile"][0] / times["ddfast"][0]
+    _table.append((shape, times, mems, vs_off, vs_ref, vs_compile))
     print(f"\ndensify {shape}: ddfast {times['ddfast'][0]:.2f} ms, official {times['official'][0]:.1f} ms, "
-          f"reference {times['reference'][0]:.1f} ms | {vs_off:.1f}x vs official, {vs_ref:.1f}x vs reference")
+          f"reference {times['reference'][0]:.1f} ms, torch.compile {times['torch_compile'][0]:.1f} ms | "
+          f"{vs_off:.1f}x vs official, {vs_ref:.1f}x vs reference, {vs_compile:.1f}x vs compile")
     if case == list(CASES)[-1]:
         _print_table()
     assert vs_off > 1.0 and vs_ref > 1.0
@@ -108,11 +119,11 @@ def test_densify_fwd_bwd(case):
 
 
 def _print_table() -> None:
-    head = (f"{'case':<34} {'ddfast ms':>10} {'official ms':>12} {'reference ms':>13} "
-            f"{'x official':>10} {'x reference':>11} {'MB d/o/r':>16}")
+    head = (f"{'case':<30} {'ddfast ms':>9} {'official ms':>11} {'reference ms':>12} {'compile ms':>10} "
+            f"{'x official':>10} {'x reference':>11} {'x compile':>9} {'MB d/o/r/c':>14}")
     print("\n" + head + "\n" + "-" * len(head))
-    for shape, t, m, vs_off, vs_ref in _table:
-        mem = f"{m['ddfast']:.0f}/{m['official']:.0f}/{m['reference']:.0f}"
-        print(f"{shape:<34} {t['ddfast'][0]:>10.2f} {t['official'][0]:>12.1f} {t['reference'][0]:>13.1f} "
-              f"{vs_off:>10.1f} {vs_ref:>11.1f} {mem:>16}")
-    print("(medians over repeated calls; x = speed-up of ddfast; MB = peak RSS rise ddfast/official/reference)")
+    for shape, t, m, vs_off, vs_ref, vs_compile in _table:
+        mem = "/".join(f"{m[p]:.0f}" for p in ("ddfast", "official", "reference", "torch_compile"))
+        print(f"{shape:<30} {t['ddfast'][0]:>9.2f} {t['official'][0]:>11.1f} {t['reference'][0]:>12.1f} "
+              f"{t['torch_compile'][0]:>10.1f} {vs_off:>10.1f} {vs_ref:>11.1f} {vs_compile:>9.1f} {mem:>14}")
+    print("(medians over repeated calls; x = speed-up of ddfast; MB = peak RSS rise per provider)")
