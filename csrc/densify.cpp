@@ -151,8 +151,8 @@ DDFAST_AVX2 inline double hsum_pd(__m256d v) {
 // Two columns give 8 independent FMA chains (one column's 4 chains were latency-bound); a span of
 // kGramSpan elements of the block's 4 rows (16 KiB) stays in L1 while up to kGramCols columns stream
 // past it, their float64 partial sums (8 KiB) in L1 too. Measured on one core, 10 classes x 50 x 3072:
-// 4.9 -> 3.5-4.4 ms (the L1 blocking alone made no measurable difference; the float64 flushes, 2 uops
-// per conversion, remain a large share). The additions happen in the same order as the plain loop,
+// 4.9-5.4 -> 3.6-4.8 ms over the plain loop (noisy shared machine; the L1 blocking alone and longer
+// fp32 chunks made no measurable difference: the loop is bound by loads, hence one load per a-vector). The additions happen in the same order as the plain loop,
 // so results do not depend on the blocking.
 constexpr int kGramCols = 64;
 constexpr int64_t kGramSpan = 1024;  // a multiple of kGramChunk
@@ -186,7 +186,8 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
           for (int64_t d = d0; d < e; d += 8) {
             const __m256 bv0 = _mm256_loadu_ps(b0 + d), bv1 = _mm256_loadu_ps(b1 + d);
             for (int r = 0; r < kRowBlock; ++r) {
-              const __m256 av = _mm256_loadu_ps(a[r] + d);
+              __m256 av = _mm256_loadu_ps(a[r] + d);
+              asm("" : "+x"(av));  // one load for both FMAs (GCC would fold it into each: 10 loads per 8 FMAs)
               acc0[r] = _mm256_fmadd_ps(av, bv0, acc0[r]);
               acc1[r] = _mm256_fmadd_ps(av, bv1, acc1[r]);
             }
