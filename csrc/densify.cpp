@@ -838,6 +838,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor&
   if (!(tau > 0.0)) throw pybind11::value_error("densify_forward: tau must be > 0");
   if (pool < 1) throw pybind11::value_error("densify_forward: pool must be >= 1");
   if (max_sweeps < 1) throw pybind11::value_error("densify_forward: max_sweeps must be >= 1");
+  if (double(images.size(1)) * double(pool) * double(pool) > double(INT32_MAX - 64))  // BLAS ints are 32-bit
+    throw pybind11::value_error("densify_forward: channels x pool x pool must be below 2^31");
   const bool f64 = images.scalar_type() == at::kDouble;
   const at::ScalarType compute = f64 ? at::kDouble : at::kFloat;
   at::Tensor x = images.to(compute).contiguous();
@@ -851,7 +853,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> densify_forward(const at::Tensor&
                             : at::empty({0}, x.options());
   double loss = 0.0;
   std::vector<int> status;
-  if (B > 0 && H > 0 && W > 0) {
+  if (B > 0 && C > 0 && H > 0 && W > 0) {  // otherwise every Gram matrix is 0 and so is the loss
     if (f64) {
       std::tie(loss, status) = densify::run<double>(x.data_ptr<double>(), B, C, H, W, pool, layout, tau, with_grad,
                                                     int(max_sweeps), with_grad ? dx.data_ptr<double>() : nullptr);

@@ -339,6 +339,15 @@ def test_bad_arguments_and_empty_batch():
     loss = densify_loss(empty, torch.zeros(0, dtype=torch.long), 4.0, 8)
     loss.backward()
     assert float(loss) == 0.0 and empty.grad.shape == empty.shape
+    for backend in ("cpu", "reference"):  # no channels: every Gram matrix is 0, so is the loss
+        no_channels = torch.zeros(4, 0, 8, 8, requires_grad=True)
+        with use_backend(backend):
+            loss = densify_loss(no_channels, torch.tensor([0, 0, 1, 1]), 4.0, 8)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and no_channels.grad.shape == no_channels.shape
+    with pytest.raises(ValueError, match="2\\^31"):
+        with use_backend("cpu"):
+            densify_loss(x, torch.zeros(4, dtype=torch.long), 4.0, 50_000)
 
 
 def test_non_convergence_warns(monkeypatch):
