@@ -102,6 +102,16 @@ def _backward_impl(x: Tensor, *args) -> Tensor:
     return dx
 
 
+def _resize_for_patches(x: Tensor, patch: int | None) -> Tensor:
+    """The official bilinear resize to a multiple of the patch size (ref.resize_to_patch_multiple),
+    run on a channels_last copy on CPU: ATen's CPU bilinear kernels are ~5x faster there for small
+    maps with many channels ([100,144,7,7] -> 8x8, forward + backward, 2 threads: 9.9 ms NCHW vs
+    1.8 ms channels_last) and give bit-identical values and gradients. The K1 kernels take either layout."""
+    if patch and x.ndim == 4 and x.device.type == "cpu" and (x.shape[2] % patch or x.shape[3] % patch):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return ref.resize_to_patch_multiple(x, patch)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -177,7 +187,7 @@ def moments(x: Tensor, patch: int | None = None, dtype: torch.dtype | None = Non
     produce float64; ``dtype=torch.float64`` keeps it, as :class:`ddfast.StatMatcher` does).
     Differentiable: the backward writes dx in one pass. When H or W is not a multiple of
     ``patch``, x is bilinearly resized first."""
-    xr = ref.resize_to_patch_multiple(x, patch)
+    xr = _resize_for_patches(x, patch)
     cm, cm2, pm, pm2 = stat_match_forward(xr, patch or 0)
     count_c, count_p = _counts(xr, patch or 0)
     out = dtype or ref.compute_dtype(x)
@@ -221,7 +231,7 @@ class MomentSums:
 @torch.no_grad()
 def moment_sums(x: Tensor, patch: int | None = None) -> MomentSums:
     """Partial statistics of x for accumulation across segments or a whole dataset (no grad)."""
-    xr = ref.resize_to_patch_multiple(x, patch)
+    xr = _resize_for_patches(x, patch)
     cm, cm2, pm, pm2 = stat_match_forward(xr, patch or 0)
     count_c, count_p = _counts(xr, patch or 0)
     if not patch:
@@ -259,5 +269,5 @@ def stat_grad_surrogate(
     """A zero-valued scalar whose gradient w.r.t. this segment's x is the exact closed-form
     gradient of a loss on the *global* statistics ``stats`` (from :func:`moment_sums` merged over
     all segments) given ∂ℓ/∂(μc, σ²c, μp, σ²p) = ``grads``. Add it to the segment's loss (§5)."""
-    xr = ref.resize_to_patch_multiple(x, patch)
+    xr = _resize_for_patches(x, patch)
     return _StatGradSurrogate.apply(xr, stats, grads, patch or 0)
