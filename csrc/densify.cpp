@@ -568,8 +568,9 @@ ClassResult solve_class_jacobi(bool avx2, const double* gram, int n, double tau,
 // failures raise. dsyevd is called directly, one matrix at a time, from inside an OpenMP region (so
 // MKL runs it on one thread): torch.linalg.eigh adds copies per call, and a multi-threaded MKL makes a
 // 50 x 50 solve slower (measured 533 vs 351 us per matrix with 2 threads); the classes are spread
-// over the OpenMP threads instead. Without a dsyevd symbol in the process (a torch build on another LAPACK) the classes go
-// through one batched at::linalg_eigh per class size.
+// over the OpenMP threads instead. Without a dsyevd symbol in the process (a torch build on another
+// LAPACK), or with DDFAST_DENSIFY_ISA=base, the classes go through one batched at::linalg_eigh per
+// class size.
 extern "C" {
 void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w, double* work,
              const int* lwork, int* iwork, const int* liwork, int* info, size_t jobz_len, size_t uplo_len)
