@@ -154,8 +154,8 @@ DDFAST_AVX2 inline double hsum_pd(__m256d v) {
 // kGramSpan elements of the block's 4 rows (16 KiB) stays in L1 while up to kGramCols columns stream
 // past it, their float64 partial sums (8 KiB) in L1 too. Measured on one core, 10 classes x 50 x 3072:
 // 4.9-5.4 -> 3.6-4.8 ms over the plain loop (noisy shared machine; the L1 blocking alone and longer
-// fp32 chunks made no measurable difference: the loop is bound by loads, hence one load per a-vector). The additions happen in the same order as the plain loop,
-// so results do not depend on the blocking.
+// fp32 chunks made no measurable difference: the loop is bound by loads, hence one load per a-vector).
+// The additions happen in the same order as the plain loop, so results do not depend on the blocking.
 constexpr int kGramCols = 64;
 constexpr int64_t kGramSpan = 1024;  // a multiple of kGramChunk
 
@@ -177,10 +177,10 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
       for (int r = 0; r < kRowBlock; ++r) tot[c][r] = _mm256_setzero_pd();
     for (int64_t s0 = 0; s0 < D8; s0 += kGramSpan) {
       const int64_t s1 = std::min(D8, s0 + kGramSpan);
-      int c = 0;
-      for (; c + 2 <= jn; c += 2) {  // two columns: 8 independent FMA chains hide the FMA latency
+      for (int c = 0; c < jn; c += 2) {  // two columns: 8 independent FMA chains hide the FMA latency
+        const bool pair = c + 1 < jn;  // an odd last column runs paired with itself, its twin discarded
         const float* b0 = rows[j0 + c];
-        const float* b1 = rows[j0 + c + 1];
+        const float* b1 = pair ? rows[j0 + c + 1] : b0;
         for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk) {
           const int64_t e = std::min(s1, d0 + kGramChunk);
           __m256 acc0[kRowBlock], acc1[kRowBlock];
@@ -196,21 +196,8 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
           }
           for (int r = 0; r < kRowBlock; ++r) {
             flush_chunk(acc0[r], &tot[c][r]);
-            flush_chunk(acc1[r], &tot[c + 1][r]);
+            if (pair) flush_chunk(acc1[r], &tot[c + 1][r]);
           }
-        }
-      }
-      for (; c < jn; ++c) {
-        const float* b = rows[j0 + c];
-        for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk) {
-          const int64_t e = std::min(s1, d0 + kGramChunk);
-          __m256 acc[kRowBlock];
-          for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_setzero_ps();
-          for (int64_t d = d0; d < e; d += 8) {
-            const __m256 bv = _mm256_loadu_ps(b + d);
-            for (int r = 0; r < kRowBlock; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a[r] + d), bv, acc[r]);
-          }
-          for (int r = 0; r < kRowBlock; ++r) flush_chunk(acc[r], &tot[c][r]);
         }
       }
     }
@@ -333,18 +320,22 @@ class SerialBlasScope {
 };
 
 template <typename T>
-void rows_gemm(const T* coef, int m, int n, const T* x, int64_t ldx, int64_t D, T* out, int64_t ldo) {
+void rows_gemm(bool blas_direct, const T* coef, int m, int n, const T* x, int64_t ldx, int64_t D, T* out,
+               int64_t ldo) {
   // row-major out = coef · x is column-major outᵀ (D x m) = xᵀ (D x n) · coefᵀ (n x m)
   const int Di = int(D), lx = int(ldx), lo = int(ldo);
   const T one = T(1), zero = T(0);
   if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr && !portable_only()) return sgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
+    if (blas_direct && sgemm_ != nullptr)
+      return sgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
   } else {
-    if (dgemm_ != nullptr && !portable_only()) return dgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
+    if (blas_direct && dgemm_ != nullptr)
+      return dgemm_("N", "N", &Di, &m, &n, &one, x, &lx, coef, &n, &zero, out, &lo, 1, 1);
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor o = at::from_blob(out, {m, D}, {ldo, 1}, opts);
-  at::mm_out(o, at::from_blob(const_cast<T*>(coef), {m, n}, opts), at::from_blob(const_cast<T*>(x), {n, D}, {ldx, 1}, opts));
+  at::mm_out(o, at::from_blob(const_cast<T*>(coef), {m, n}, opts),
+             at::from_blob(const_cast<T*>(x), {n, D}, {ldx, 1}, opts));
 }
 
 // ------------------------------------------------------------------------------ pooling
@@ -616,7 +607,8 @@ inline bool lapack_direct() { return dsyevd_ != nullptr && !portable_only(); }
 
 template <typename T>
 void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, const double* gram,
-                          const std::vector<int64_t>& gram_off, double tau, T* coef, std::vector<ClassResult>* results) {
+                          const std::vector<int64_t>& gram_off, double tau, T* coef,
+                          std::vector<ClassResult>* results) {
   const std::vector<int64_t>& off = layout.offsets;
   const int64_t m = int64_t(ks.size());
   if (!lapack_direct()) {  // no direct LAPACK: one batched torch call per class size
@@ -624,7 +616,8 @@ void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, 
     for (int64_t k : ks) by_size[off[k + 1] - off[k]].push_back(k);
     for (const auto& [n, group] : by_size) {
       at::Tensor a = at::empty({int64_t(group.size()), n, n}, at::kDouble);
-      for (size_t i = 0; i < group.size(); ++i) symmetrize(gram + gram_off[group[i]], int(n), a.data_ptr<double>() + i * n * n);
+      for (size_t i = 0; i < group.size(); ++i)
+        symmetrize(gram + gram_off[group[i]], int(n), a.data_ptr<double>() + i * n * n);
       auto [w, v] = at::linalg_eigh(a, "L");
       at::Tensor vt = v.transpose(1, 2).contiguous();  // rows = eigenvectors
       for (size_t i = 0; i < group.size(); ++i) {
@@ -743,11 +736,12 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
     max_rows = std::max(max_rows, per);
   }
   const bool direct = identity && sorted;
+  const bool blas_direct = !portable_only();
   const int64_t slot = (max_rows * D + 15) / 16 * 16;  // 64-byte aligned per-thread slices
   const auto dx_block = [&](int64_t k, int64_t i0, int64_t m, T* block) {
     const int64_t n = count(k);
     T* out = direct ? dx + (off[k] + i0) * D : block;
-    rows_gemm<T>(coef_p + gram_off[k] + i0 * n, int(m), int(n), rows[off[k]], ld, D, out, D);
+    rows_gemm<T>(blas_direct, coef_p + gram_off[k] + i0 * n, int(m), int(n), rows[off[k]], ld, D, out, D);
     if (direct) return;
     for (int64_t r = 0; r < m; ++r) {
       T* dst = dx + order[off[k] + i0 + r] * C * H * W;
@@ -793,8 +787,9 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
         }
         T* ck = coef_p ? coef_p + gram_off[k] : nullptr;
         try {
-          results[k] = n < kLapackMinN ? solve_class_jacobi<T>(avx2, gram.data() + gram_off[k], int(n), tau, max_sweeps, ck)
-                                       : solve_class_lapack<T>(gram.data() + gram_off[k], int(n), tau, ck, &ws);
+          const double* gk = gram.data() + gram_off[k];
+          results[k] = n < kLapackMinN ? solve_class_jacobi<T>(avx2, gk, int(n), tau, max_sweeps, ck)
+                                       : solve_class_lapack<T>(gk, int(n), tau, ck, &ws);
         } catch (const std::exception& e) {
           errors[k] = e.what();
           continue;
