@@ -4,11 +4,14 @@ Two custom ops carry the work, each dispatched to the reference / cpu (``ddfast.
 backend by :func:`ddfast.backend.select_backend`:
 
 * ``ddfast::stat_match_forward(x, patch)`` -> (channel mean, channel M2, patch mean, patch M2) in
-  float64 for every input dtype: one read of x. M2 = Σ(x − mean)² so partial results of batch
+  float64 for every input dtype: one read of x. The channel pair is always x's own; when H or W is
+  not a multiple of the patch, the patch pair is that of x' = R_h·x·R_wᵀ, the official bilinear resize
+  to the next multiple, which the kernels form from x on the fly (no x' tensor). M2 = Σ(x − mean)² so partial results of batch
   segments merge exactly (Chan); float64 outputs make a whole batch agree with its merged segments
   to ~1e-16, which keeps ``--segment`` runs on the whole-batch trajectory.
-* ``ddfast::stat_match_backward(x, ...)`` -> dx = gμc/Nc + gσc·2(x−μc)/Nc + gμp/Np + gσp·2(x−μp)/Np:
-  one read of x, one write of dx; counts are explicit so segments use the global counts.
+* ``ddfast::stat_match_backward(x, ...)`` -> dx = gμc/Nc + gσc·2(x−μc)/Nc + Rᵀ(gμp/Np + gσp·2(x'−μp)/Np):
+  one read of x, one write of dx; counts are explicit so segments use the global counts
+  (Nc = B·H·W of x, Np = B·C·p²).
 
 Both are registered with ``torch.library`` (fake kernels + autograd), so :func:`moments` traces
 under ``torch.compile``. Nothing activation-sized is saved besides x itself.
@@ -36,6 +39,20 @@ class Moments(NamedTuple):
 # ----------------------------------------------------------------------------- backends
 
 
+def _resize_matrices(x: Tensor, patch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    h, w = x.shape[-2:]
+    return (ref.bilinear_matrix(h, ref.patch_multiple(h, patch), dtype).to(x.device),
+            ref.bilinear_matrix(w, ref.patch_multiple(w, patch), dtype).to(x.device))
+
+
+def _resized(xf: Tensor, patch: int) -> Tensor:
+    """x' = R_h · x · R_wᵀ, the official bilinear resize to a multiple of the patch (x itself if none is needed)."""
+    if xf.shape[2] % patch == 0 and xf.shape[3] % patch == 0:
+        return xf
+    rh, rw = _resize_matrices(xf, patch, xf.dtype)
+    return torch.einsum("Hh,bchw,Ww->bcHW", rh, xf, rw)
+
+
 def _reference_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xf = x.to(ref.compute_dtype(x))
     cm = xf.mean(dim=(0, 2, 3))
@@ -43,7 +60,7 @@ def _reference_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, T
     if not patch:
         empty = xf.new_empty(0)
         return cm, cm2, empty, empty.clone()
-    rows = ref.patch_view(xf, patch)
+    rows = ref.patch_view(_resized(xf, patch), patch)
     pm = rows.mean(dim=1)
     return cm, cm2, pm, (rows - pm[:, None]).square().sum(dim=1)
 
@@ -63,8 +80,13 @@ def _reference_backward(
     col = lambda v: v.to(xf.dtype).view(1, -1, 1, 1)  # noqa: E731
     dx = col(g_cmean) / count_c + col(g_cvar) * 2 * (xf - col(cmean)) / count_c
     if patch:
-        pix = lambda v: _pixel_map(v.to(xf.dtype), xf, patch)  # noqa: E731
-        dx = dx + pix(g_pmean) / count_p + pix(g_pvar) * 2 * (xf - pix(pmean)) / count_p
+        xr = _resized(xf, patch)
+        pix = lambda v: _pixel_map(v.to(xf.dtype), xr, patch)  # noqa: E731
+        dxr = pix(g_pmean) / count_p + pix(g_pvar) * 2 * (xr - pix(pmean)) / count_p
+        if xr is not xf:  # the resize's adjoint: dx += R_hᵀ · dx' · R_w
+            rh, rw = _resize_matrices(xf, patch, xf.dtype)
+            dxr = torch.einsum("Hh,bcHW,Ww->bchw", rh, dxr, rw)
+        dx = dx + dxr
     return dx.to(x.dtype)
 
 
@@ -102,24 +124,14 @@ def _backward_impl(x: Tensor, *args) -> Tensor:
     return dx
 
 
-def _resize_for_patches(x: Tensor, patch: int | None) -> Tensor:
-    """The official bilinear resize to a multiple of the patch size (ref.resize_to_patch_multiple),
-    run on a channels_last copy on CPU: ATen's CPU bilinear kernels are ~5x faster there for small
-    maps with many channels ([100,144,7,7] -> 8x8, forward + backward, 2 threads: 9.9 ms NCHW vs
-    1.8 ms channels_last) and give bit-identical values and gradients. The K1 kernels take either layout."""
-    if patch and x.ndim == 4 and x.device.type == "cpu" and (x.shape[2] % patch or x.shape[3] % patch):
-        x = x.contiguous(memory_format=torch.channels_last)
-    return ref.resize_to_patch_multiple(x, patch)
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 
 def _check(x: Tensor, patch: int) -> None:
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"stat_match expects a floating [B, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
-    if patch < 0 or (patch and (x.shape[2] % patch or x.shape[3] % patch)):
-        raise ValueError(f"patch size {patch} must be >= 0 and divide H={x.shape[2]}, W={x.shape[3]} (resize first)")
+    if patch < 0:
+        raise ValueError(f"patch size must be >= 0, got {patch}")
 
 
 @torch.library.custom_op("ddfast::stat_match_forward", mutates_args=())
@@ -131,7 +143,7 @@ def stat_match_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, T
 @stat_match_forward.register_fake
 def _(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dtype = torch.float64
-    k = (x.shape[2] // patch) * (x.shape[3] // patch) if patch else 0
+    k = _num_patches(x, patch)
     c = x.shape[1]
     return x.new_empty(c, dtype=dtype), x.new_empty(c, dtype=dtype), x.new_empty(k, dtype=dtype), x.new_empty(k, dtype=dtype)
 
@@ -148,6 +160,10 @@ def stat_match_backward(
 @stat_match_backward.register_fake
 def _(x, cmean, g_cmean, g_cvar, pmean, g_pmean, g_pvar, patch, count_c, count_p) -> Tensor:
     return torch.empty_like(x)
+
+
+def _num_patches(x: Tensor, patch: int) -> int:
+    return (-(-x.shape[2] // patch)) * (-(-x.shape[3] // patch)) if patch else 0
 
 
 def _counts(x: Tensor, patch: int) -> tuple[float, float]:
@@ -185,11 +201,11 @@ def moments(x: Tensor, patch: int | None = None, dtype: torch.dtype | None = Non
     ``patch=None`` (BN layers) gives only the channel pair. Inputs of any float dtype, layout or
     strides; statistics in fp32 (fp64 for fp64 inputs) unless ``dtype`` asks otherwise (the kernels
     produce float64; ``dtype=torch.float64`` keeps it, as :class:`ddfast.StatMatcher` does).
-    Differentiable: the backward writes dx in one pass. When H or W is not a multiple of
-    ``patch``, x is bilinearly resized first."""
-    xr = _resize_for_patches(x, patch)
-    cm, cm2, pm, pm2 = stat_match_forward(xr, patch or 0)
-    count_c, count_p = _counts(xr, patch or 0)
+    Differentiable: the backward writes dx in one pass. The channel pair is always that of x;
+    when H or W is not a multiple of ``patch`` the patch pair is that of x bilinearly resized to
+    the next multiple (the official G-VBSM hook), formed inside the kernels (never materialised)."""
+    cm, cm2, pm, pm2 = stat_match_forward(x, patch or 0)
+    count_c, count_p = _counts(x, patch or 0)
     out = dtype or ref.compute_dtype(x)
     if not patch:
         return Moments(cm.to(out), (cm2 / count_c).to(out), None, None)
@@ -231,9 +247,8 @@ class MomentSums:
 @torch.no_grad()
 def moment_sums(x: Tensor, patch: int | None = None) -> MomentSums:
     """Partial statistics of x for accumulation across segments or a whole dataset (no grad)."""
-    xr = _resize_for_patches(x, patch)
-    cm, cm2, pm, pm2 = stat_match_forward(xr, patch or 0)
-    count_c, count_p = _counts(xr, patch or 0)
+    cm, cm2, pm, pm2 = stat_match_forward(x, patch or 0)
+    count_c, count_p = _counts(x, patch or 0)
     if not patch:
         return MomentSums(count_c, cm.double(), cm2.double(), 0.0, None, None)
     return MomentSums(count_c, cm.double(), cm2.double(), count_p, pm.double(), pm2.double())
@@ -269,5 +284,4 @@ def stat_grad_surrogate(
     """A zero-valued scalar whose gradient w.r.t. this segment's x is the exact closed-form
     gradient of a loss on the *global* statistics ``stats`` (from :func:`moment_sums` merged over
     all segments) given ∂ℓ/∂(μc, σ²c, μp, σ²p) = ``grads``. Add it to the segment's loss (§5)."""
-    xr = _resize_for_patches(x, patch)
-    return _StatGradSurrogate.apply(xr, stats, grads, patch or 0)
+    return _StatGradSurrogate.apply(x, stats, grads, patch or 0)

@@ -2,9 +2,10 @@
 
 Written for clarity; float64 inputs give a float64 oracle. Statistics are population moments;
 a patch statistic is one scalar pooled over (batch, channels, the p×p pixels of the patch), patches
-numbered row-major. Activations whose height or width is not a multiple of p are first resized
-bilinearly to the next multiple (as the official G-VBSM code does) and every statistic of that layer
-is taken on the resized tensor.
+numbered row-major. The channel statistics are always those of x itself. When x's height or width is
+not a multiple of p, the patch statistics are taken on a bilinear resize of x to the next multiple
+(``F.interpolate(..., mode="bilinear")``, align_corners False), exactly as the official G-VBSM
+``ConvFeatureHook`` does (channel mean/var on ``input_0``, patch mean/var on the resized copy).
 """
 from __future__ import annotations
 
@@ -22,11 +23,32 @@ def resize_to_patch_multiple(x: torch.Tensor, patch: int | None) -> torch.Tensor
     if not patch:
         return x
     h, w = x.shape[-2:]
-    target = (math.ceil(h / patch) * patch, math.ceil(w / patch) * patch)
+    target = (patch_multiple(h, patch), patch_multiple(w, patch))
     if target == (h, w):
         return x
     # Interpolate in the statistics' precision: a half-precision resize would round every pixel.
     return F.interpolate(x.to(compute_dtype(x)), size=target, mode="bilinear")
+
+
+def bilinear_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[out_size, in_size] matrix R with R @ v = the 1-D bilinear resize of v as
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` computes it (src = (dst + ½)·in/out − ½,
+    clamped at 0; the upper tap clamps at the last pixel). A 2-D resize is R_h · x · R_wᵀ, and
+    its adjoint (the resize backward) R_hᵀ · g · R_w."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = src - lo.double()
+    mat = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    mat.index_put_((rows, hi), frac, accumulate=True)
+    return mat.to(dtype)
+
+
+def patch_multiple(size: int, patch: int) -> int:
+    return math.ceil(size / patch) * patch
 
 
 def patch_view(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -40,12 +62,12 @@ def moments(x: torch.Tensor, patch: int | None = None) -> tuple[torch.Tensor, to
     without a patch size. Two-pass (centred) variances in fp32, or fp64 for fp64 inputs."""
     if x.ndim != 4:
         raise ValueError(f"moments expects a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
-    xf = resize_to_patch_multiple(x, patch).to(compute_dtype(x))
+    xf = x.to(compute_dtype(x))
     channel_mean = xf.mean(dim=(0, 2, 3))
     channel_var = (xf - channel_mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
     if not patch:
         return channel_mean, channel_var, None, None
-    rows = patch_view(xf, patch)
+    rows = patch_view(resize_to_patch_multiple(xf, patch), patch)
     patch_mean = rows.mean(dim=1)
     patch_var = (rows - patch_mean[:, None]).square().mean(dim=1)
     return channel_mean, channel_var, patch_mean, patch_var
