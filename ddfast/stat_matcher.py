@@ -67,12 +67,15 @@ class StatMatcher:
         patch_size: patch size of the conv patch statistics (4 for ≤64 px data, 16 for ImageNet).
         alpha: EMA factor of the SDS form (0.8 small datasets, 0.4 ImageNet; 0 = plain SRe2L).
         drop_rate: probability that a conv layer's matching is dropped in an iteration (:meth:`draw`).
-        first_multiplier: weight of the first BN layer and of the first conv layer (10).
+        first_multiplier: weight of the first matched layer in ``named_modules()`` order, BN or conv
+            (10; the official recover's ``rescale`` list: a ResNet's stem conv, the first BN when
+            only BN layers are matched).
         layer_weights: optional per-layer weights by module name (default 1).
         match_bn / match_conv: which layer kinds to match (SRe2L: BN only).
         conv_stats: global conv statistics {name: Moments}, from :meth:`collect_conv_stats` or :meth:`load_conv_stats`.
-        ema_init: "first" starts each EMA from the first batch statistic (default); "zero" starts
-            from 0 as the official code does (a biased start, kept for comparison).
+        ema_init: "zero" starts each EMA from 0 as the official code does (default: its
+            ``isinstance(self.dd_var, int)`` test never fires on the float 0.); "first" starts it
+            from the first batch statistic (unbiased).
     """
 
     def __init__(
@@ -86,7 +89,7 @@ class StatMatcher:
         match_bn: bool = True,
         match_conv: bool = True,
         conv_stats: dict[str, Moments] | None = None,
-        ema_init: str = "first",
+        ema_init: str = "zero",
     ) -> None:
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
@@ -100,15 +103,13 @@ class StatMatcher:
         self.ema_init = ema_init
         layer_weights = dict(layer_weights or {})
         self.layers: list[_Layer] = []
-        firsts: set[str] = set()
         for name, module in model.named_modules():
             kind = "bn" if isinstance(module, nn.BatchNorm2d) and match_bn else "conv" if isinstance(module, nn.Conv2d) and match_conv else None
             if kind is None:
                 continue
             if kind == "bn" and (module.running_mean is None or module.running_var is None):
                 raise ValueError(f"BatchNorm layer {name!r} tracks no running statistics to match")
-            weight = layer_weights.pop(name, 1.0) * (first_multiplier if kind not in firsts else 1.0)
-            firsts.add(kind)
+            weight = layer_weights.pop(name, 1.0) * (first_multiplier if not self.layers else 1.0)
             self.layers.append(_Layer(name, module, kind, weight))
         if layer_weights:
             raise ValueError(f"layer_weights names no matched layer: {sorted(layer_weights)}")
@@ -275,7 +276,8 @@ class StatMatcher:
         """Global statistics of every conv layer's input over ``batches`` (a whole dataset).
 
         ``exact=True`` merges per-batch sums in float64 (Chan), i.e. the dataset statistics;
-        ``exact=False`` averages per-batch means and variances as the official code does."""
+        ``exact=False`` is the official collection: per-batch means and variances weighted by
+        batch size / total (the official hook's ``bs / data_number``), summed."""
         self._collect_sums = {}
         with self._mode("collect"):
             for x in batches:
@@ -288,8 +290,9 @@ class StatMatcher:
                     merged = merged.merge(part)
                 stats[name] = merged.finalize(torch.float32)
             else:
-                finals = [p.finalize(torch.float64) for p in parts]
-                stats[name] = Moments(*(torch.stack([f[i] for f in finals]).mean(0).float() for i in range(4)))
+                total = sum(p.count_c for p in parts)
+                finals = [(p.count_c / total, p.finalize(torch.float64)) for p in parts]
+                stats[name] = Moments(*(sum(w * f[i] for w, f in finals).float() for i in range(4)))
         self._collect_sums = {}
         self.set_conv_stats(stats)
         return stats

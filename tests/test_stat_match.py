@@ -9,7 +9,7 @@ from ddfast import StatMatcher, cpu_buffer_cache_mb, models, set_cpu_buffer_cach
 from ddfast.backend import use_backend
 from ddfast.ops import moment_sums, moments, stat_grad_surrogate
 from ddfast.reference import stat_match as ref
-from ddfast.reference.stat_match_official import OfficialBNHook, OfficialConvHook, official_loss
+from ddfast.reference.stat_match_official import OfficialMatcher
 from ddfast.testing import assert_close, rel_error
 
 # (B, C, H, W, patch): odd sizes resize to the next multiple of the patch (7 -> 8, 14 -> 16).
@@ -177,28 +177,86 @@ def _bn_model(dtype=torch.float32):
     return net.eval()
 
 
+# (backbone, width) at 28 px: 28/14/7 px maps, so resized patch statistics are exercised.
+OFFICIAL_BACKBONES = [("resnet18", 8), ("mobilenetv2", 8), ("shufflenetv2", 12), ("wrn-16-2", 4), ("convnet", 16)]
+# (alpha, drop_rate, match_conv): G-VBSM and SRe2L (BN only, plain L2: alpha 0)
+SETTINGS = {"gvbsm": (0.8, 0.4, True), "sre2l": (0.0, 0.0, False)}
+
+
+def _trained_like(name, width, dtype=torch.float64, size=28):
+    torch.manual_seed(0)
+    net = models.create(name, 1, 10, size, width=width).to(dtype)
+    net.train()
+    with torch.no_grad():  # non-trivial BN running statistics
+        for _ in range(2):
+            net(torch.randn(16, 1, size, size, dtype=dtype) * 2 + 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("name, width", OFFICIAL_BACKBONES, ids=[b for b, _ in OFFICIAL_BACKBONES])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_matcher_equals_official_hooks(backend):
-    net = _bn_model()
-    data = [torch.randn(20, 3, 16, 16) for _ in range(3)]
+def test_matcher_equals_official_hooks(backend, name, width, setting):
+    alpha, drop_rate, match_conv = SETTINGS[setting]
+    net = _trained_like(name, width)
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    if not has_bn and not match_conv:
+        pytest.skip(f"{name} has no BatchNorm layer: nothing for SRe2L to match")
+    stats = None
     with use_backend(backend):
-        matcher = StatMatcher(net, alpha=0.8, drop_rate=0.0, ema_init="zero")
-        stats = matcher.collect_conv_stats(data)
-    # Both run in the same forward passes: official forward hooks beside our pre-hooks.
-    bn_hooks = [OfficialBNHook(m, 0.8) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    conv_hooks = [OfficialConvHook(m, tuple(stats[n]), 4, 0.8) for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    x = torch.randn(8, 3, 16, 16)
-    for _ in range(3):  # the EMA state evolves identically
+        matcher = StatMatcher(net, alpha=alpha, drop_rate=drop_rate, match_bn=has_bn, match_conv=match_conv)
+        if match_conv:
+            stats = matcher.collect_conv_stats([torch.randn(12, 1, 28, 28, dtype=torch.float64) for _ in range(2)])
+    official = OfficialMatcher(net, alpha=alpha, drop_rate=drop_rate, match_bn=has_bn, match_conv=match_conv, conv_stats=stats)
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    drops = 0
+    for it in range(4):  # EMA state and drops evolve identically
+        dropped = matcher.draw(torch.Generator().manual_seed(it))
+        assert official.draw(torch.Generator().manual_seed(it)) == dropped
+        drops += len(dropped)
         x = x.detach().requires_grad_(True)
-        with use_backend(backend):
+        with use_backend(backend):  # both hook sets run in the same forward pass
             net(x)
             ours = matcher.loss()
+            theirs = official.loss()
+            if not ours.requires_grad:  # a BN-free net with every conv layer dropped
+                assert float(ours) == 0.0 == float(theirs) and len(dropped) == len(matcher.layers)
+                continue
             (ours_grad,) = torch.autograd.grad(ours, x, retain_graph=True)
-        official = official_loss(bn_hooks, conv_hooks, 10.0)
-        (official_grad,) = torch.autograd.grad(official, x)
-        assert rel_error(ours, official) < 1e-5
-        assert rel_error(ours_grad, official_grad) < 1e-4
-        x = x - 0.1 * official_grad
+        (their_grad,) = torch.autograd.grad(theirs, x)
+        assert rel_error(ours, theirs) < 1e-8, f"iteration {it}: loss {float(ours)} vs official {float(theirs)}"
+        assert rel_error(ours_grad, their_grad) < 1e-8, f"iteration {it}: input gradient {rel_error(ours_grad, their_grad):.2e}"
+        x = x - 0.1 * their_grad / their_grad.norm()
+    assert drop_rate == 0 or drops > 0, "the draws dropped no conv layer: the test would not cover drops"
+    matcher.remove()
+    official.remove()
+
+
+def test_first_multiplier_weights_the_head_of_one_list():
+    net = _trained_like("resnet18", 8)
+    names = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    matcher = StatMatcher(net, first_multiplier=10.0)
+    assert [layer.name for layer in matcher.layers] == names
+    assert [layer.weight for layer in matcher.layers] == [10.0] + [1.0] * (len(names) - 1)
+    assert isinstance(net.get_submodule(names[0]), torch.nn.Conv2d)  # the stem conv, not the first BN
+    bn_only = StatMatcher(net, match_conv=False)
+    assert bn_only.layers[0].weight == 10.0 and isinstance(bn_only.layers[0].module, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compat_collection_equals_official_collection(backend):
+    net = _trained_like("mobilenetv2", 8)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 1, 28, 28, generator=gen, dtype=torch.float64) + i for i, n in enumerate((64, 64, 17))]
+    with use_backend(backend):
+        matcher = StatMatcher(net)
+        ours = matcher.collect_conv_stats(batches, exact=False)
+    matcher.remove()
+    theirs = OfficialMatcher(net).collect_conv_stats(batches, data_number=sum(len(b) for b in batches))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for i, (got, want) in enumerate(zip(ours[name], theirs[name])):
+            assert rel_error(got.double(), want) < 1e-6, f"{name} statistic {i}"
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
@@ -243,8 +301,8 @@ def test_collect_exact_vs_official_averaging(tmp_path):
         assert rel_error(got, want) < 1e-6
     compat = matcher.collect_conv_stats(data, exact=False)[first_conv]
     per_batch = [ref.moments(d, 4) for d in data]
-    for i, got in enumerate(compat):
-        assert rel_error(got, torch.stack([p[i] for p in per_batch]).mean(0)) < 1e-6
+    for i, got in enumerate(compat):  # the official weights: batch size / total
+        assert rel_error(got, sum(len(d) * p[i] for d, p in zip(data, per_batch)) / 16) < 1e-6
     assert rel_error(compat[1], exact[1]) > 1e-3  # averaging per-batch variances drops the between-batch part
 
     path = tmp_path / "stats.pt"

@@ -29,7 +29,8 @@ from ddfast.methods import DistillResult
 from ddfast.methods.random import select as class_balanced_subset
 from ddfast.ops import densify_loss
 from ddfast.reference.densify_official import densify_loss_official
-from ddfast.reference.stat_match_official import OfficialBNHook, OfficialConvHook, official_loss
+from ddfast.augment import crop_flip
+from ddfast.reference.stat_match_official import OfficialMatcher
 from ddfast.stat_matcher import StatMatcher, model_key
 from ddfast.train import get_teacher, random_subset
 from ddfast.utils import PeakMemory, atomic_torch_save, cache_dir, progress
@@ -67,22 +68,24 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        "(default from --preset: 20000 for default, all for paper)")
     group.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the images (0.05 small datasets, 0.1 ImageNet)")
     group.add_argument("--betas", default="0.5,0.9", help="Adam betas (official: 0.5,0.9)")
-    group.add_argument("--jitter", type=int, default=4, help="max torch.roll shift in pixels (4 as SRe2L CIFAR)")
+    group.add_argument("--jitter", type=int, default=32, help="max torch.roll shift in pixels (32, the official G-VBSM default; SRe2L CIFAR uses 4)")
     group.add_argument("--alpha", type=float, default=None, help="EMA factor of the SDS matching (gvbsm 0.8, sre2l 0)")
     group.add_argument("--drop-rate", type=float, default=None, help="conv matching drop rate (gvbsm 0.4, sre2l 0)")
     group.add_argument("--r-weight", type=float, default=0.01, help="weight r of the statistic matching loss (0.01)")
-    group.add_argument("--first-multiplier", type=float, default=10.0, help="weight of the first BN and first conv layer (10)")
+    group.add_argument("--first-multiplier", type=float, default=10.0,
+                       help="weight of the first matched layer of each backbone in named_modules() order, BN or conv (10)")
     group.add_argument("--dd-weight", type=float, default=None, help="weight of data densification (gvbsm 1.0, sre2l 0)")
     group.add_argument("--tau", type=float, default=4.0, help="densification temperature τ (4)")
     group.add_argument("--patch-size", type=int, default=4, help="patch size of the conv patch statistics (4; 16 for ImageNet)")
     group.add_argument("--stats", choices=("exact", "compat"), default="exact",
-                       help="global conv statistics: exact float64 dataset moments, or compat = official per-batch variance averaging")
+                       help="global conv statistics: exact float64 moments of the (unaugmented) training images, or compat = "
+                       "the official collection (RandomCrop pad 4 + flip, shuffled batches of 64, per-batch moments weighted bs/N)")
     group.add_argument("--stats-images", type=int, default=None,
                        help="collect the conv statistics over this many training images drawn at random, 0 = all "
                        "(default from --preset: 10000 for default, all for paper)")
-    group.add_argument("--ema-init", choices=("first", "zero"), default="first",
-                       help="start each statistic's EMA from the first batch statistic (default, unbiased) or from 0 "
-                       "(the official code; --backend reference always starts from 0)")
+    group.add_argument("--ema-init", choices=("zero", "first"), default="zero",
+                       help="start each statistic's EMA from 0 (default, the official code) or from the first batch "
+                       "statistic (unbiased; not available with --backend reference)")
     group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
 
 
@@ -150,7 +153,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         patch_size=args.patch_size,
         stats=args.stats,
         stats_images=preset["stats_images"] if args.stats_images is None else args.stats_images,
-        ema_init="zero" if args.backend == "reference" else args.ema_init,
+        ema_init=args.ema_init,
         logit_norm=args.logit_norm,
         segment=args.segment,
         reference=args.backend == "reference",
@@ -177,6 +180,8 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         not any(isinstance(m, nn.BatchNorm2d) for m in models.create(n, 1, 2, 32, width=8).modules()) for n in backbones
     ):
         raise ValueError("sre2l matches BatchNorm statistics: every backbone needs BatchNorm layers (convnet has none)")
+    if config.reference and config.ema_init != "zero":
+        raise ValueError("--backend reference runs the official hooks, whose EMA starts from 0: use --ema-init zero")
     if config.reference and config.segment:
         raise ValueError("--segment needs the fused statistic ops; the official-style --backend reference has no segment mode")
     return config
@@ -189,21 +194,36 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
 class Backbone:
     name: str
     model: nn.Module
-    matcher: StatMatcher | None
-    official_bn: list[OfficialBNHook]
-    official_conv: list[OfficialConvHook]
+    matcher: StatMatcher | OfficialMatcher
+
+
+COMPAT_STATS_BATCH = 64  # the official collection's DataLoader batch size
+
+
+def stats_batches(raw: torch.Tensor, dataset: data.Dataset, exact: bool, seed: int = 0) -> list[torch.Tensor]:
+    """Normalised batches the global conv statistics are collected over. exact: the training images
+    as they are, in order; compat: the official loader (shuffled, batches of 64, per-sample
+    RandomCrop(pad 4) + flip applied before normalisation, as torchvision's transform order)."""
+    if exact:
+        return [dataset.normalize(raw[i : i + 500]) for i in range(0, len(raw), 500)]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(raw), generator=gen)
+    return [
+        dataset.normalize(crop_flip(raw[order[i : i + COMPAT_STATS_BATCH]], pad=4, generator=gen))
+        for i in range(0, len(raw), COMPAT_STATS_BATCH)
+    ]
 
 
 def _conv_stats(model: nn.Module, matcher: StatMatcher, dataset: data.Dataset, config: Config) -> None:
     subset = random_subset(len(dataset.train_images), config.stats_images)  # the same for every run and backbone
-    name = f"{model.ddfast_name}-{model_key(model)}-p{config.patch_size}-{config.stats}" + ("" if subset is None else f"-n{len(subset)}")
+    name = f"{model.ddfast_name}-{model_key(model)}-p{config.patch_size}-{config.stats}-v2" + ("" if subset is None else f"-n{len(subset)}")
     path = cache_dir() / "stats" / dataset.name / f"{name}.pt"
     if path.is_file():
         matcher.load_conv_stats(path)
         return
-    images = dataset.normalize(dataset.train_images if subset is None else dataset.train_images[subset])
-    batches = progress([images[i : i + 500] for i in range(0, len(images), 500)], desc=f"statistics {model.ddfast_name}")
-    matcher.collect_conv_stats(batches, exact=config.stats == "exact")
+    raw = dataset.train_images if subset is None else dataset.train_images[subset]
+    batches = stats_batches(raw, dataset, exact=config.stats == "exact")
+    matcher.collect_conv_stats(progress(batches, desc=f"statistics {model.ddfast_name}"), exact=config.stats == "exact")
     matcher.save_conv_stats(path)
 
 
@@ -220,17 +240,15 @@ def attach(name: str, model: nn.Module, config: Config, conv_stats: Callable[[St
     )
     if match_conv:
         conv_stats(matcher)
-    official_bn, official_conv = [], []
-    if config.reference:  # the official-style hooks replace the fused matcher
-        official_bn = [OfficialBNHook(m, config.alpha) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        if match_conv:
-            official_conv = [
-                OfficialConvHook(m, tuple(matcher.conv_targets[n]), config.patch_size, config.alpha)
-                for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
-            ]
+    if config.reference:  # the official-style hooks replace the fused matcher, same interface
+        dtype = next(model.parameters()).dtype
+        targets = {n: tuple(t.to(dtype) for t in m) for n, m in matcher.conv_targets.items()} if match_conv else None
         matcher.remove()
-        matcher = None
-    return Backbone(name, model, matcher, official_bn, official_conv)
+        matcher = OfficialMatcher(
+            model, alpha=config.alpha, drop_rate=config.drop_rate, first_multiplier=config.first_multiplier,
+            match_bn=has_bn, match_conv=match_conv, conv_stats=targets, patch_size=config.patch_size,
+        )
+    return Backbone(name, model, matcher)
 
 
 def build_backbones(dataset: data.Dataset, config: Config) -> list[Backbone]:
@@ -292,13 +310,9 @@ def new_timing() -> dict[str, float]:
 
 def _step_full(bb: Backbone, xa: torch.Tensor, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
     t0 = time.perf_counter()
-    if bb.matcher is not None:
-        bb.matcher.mode = "full"
+    bb.matcher.mode = "full"
     logits = bb.model(xa)
-    if bb.matcher is not None:
-        stat = bb.matcher.loss()
-    else:
-        stat = official_loss(bb.official_bn, bb.official_conv, config.first_multiplier)
+    stat = bb.matcher.loss()
     t1 = time.perf_counter()
     # Densification's gradient first, then the network's, accumulated into x.grad in the order the
     # segment step uses: floating-point sums in the same order keep the two modes bit-identical.
@@ -356,22 +370,14 @@ def recover_batch(
     x = torch.randn(len(labels), *shape, generator=gen).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     for bb in pool:
-        if bb.matcher is not None:
-            bb.matcher.reset()
-        for hook in bb.official_bn + bb.official_conv:
-            hook.reset()
+        bb.matcher.reset()
     bar = progress(range(config.iterations), desc=desc)
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = 0.5 * config.lr * (1 + math.cos(math.pi * it / config.iterations))
         bb = pool[it % len(pool)]
         aug = Jitter.draw(gen, config.jitter)
-        if bb.matcher is not None:
-            bb.matcher.draw(gen)
-        else:
-            dropped = torch.rand(len(bb.official_conv), generator=gen) < config.drop_rate
-            for hook, drop in zip(bb.official_conv, dropped.tolist()):
-                hook.dropped = drop
+        bb.matcher.draw(gen)
         optimizer.zero_grad(set_to_none=True)
         if config.segment and config.segment < len(labels):
             loss = _step_segments(bb, x, aug, labels, config, timing)
@@ -392,8 +398,7 @@ def relabel(pool: list[Backbone], images: torch.Tensor, logit_norm: bool) -> tor
     """Ensemble-mean logits of the backbone pool (optionally per-sample normalised first)."""
     outs = []
     for bb in pool:
-        if bb.matcher is not None:
-            bb.matcher.mode = "off"
+        bb.matcher.mode = "off"
         logits = torch.cat([bb.model(images[i : i + 500]) for i in range(0, len(images), 500)])
         if logit_norm:
             logits = (logits - logits.mean(1, keepdim=True)) / logits.std(1, keepdim=True).clamp_min(1e-6)
