@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": config, "ddfast_version": __version__, "class_names": list(dataset.class_names),
         "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)},
     }
+    if result.teachers:
+        meta["teachers"] = result.teachers
     io.save(out / "distilled.pt", result.images, result.labels, result.soft_labels, meta)
     io.save_grid(out / "grid.png", result.images, result.labels, dataset.mean, dataset.std, dataset.num_classes)
     if result.baseline is not None:
@@ -104,13 +106,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["peak_mem_mb"] = report["process_peak_rss_mb"]
     if not args.no_eval:
         protocol = protocol_kwargs(args, "eval-", result.soft_labels is not None)
-        evaluation = evaluate_synset(result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed, **protocol)
+        fkd = protocol["recipe"] == "fkd" and protocol["label_mode"] == "soft"
+        evaluation = evaluate_synset(result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed,
+                                     teachers=result.teachers, **protocol)
         report.update(evaluation)
         rows = [{"method": args.method, "ipc": args.ipc, **evaluation,
                  "seconds_per_iteration": report["seconds_per_iteration"], "peak_mem_mb": report["peak_mem_mb"]}]
+        if fkd:  # the hard-label DC accuracy of the same images beside the relabel number
+            report["hard_labels"] = evaluate_synset(result.images, result.labels, dataset, seed=args.seed,
+                                                    **{**protocol, "label_mode": "hard", "lr": None, "batch_size": None})
+            rows.append({"method": args.method, "ipc": args.ipc, **report["hard_labels"]})
         if result.baseline is not None and not args.no_baseline:
             base = result.baseline
-            report["baseline"] = evaluate_synset(base.images, base.labels, dataset, soft_labels=base.soft_labels, seed=args.seed, **protocol)
+            report["baseline"] = evaluate_synset(base.images, base.labels, dataset, soft_labels=base.soft_labels, seed=args.seed,
+                                                 teachers=base.teachers, random_subsets=fkd, **protocol)
             rows.append({"method": "random (same teachers)", "ipc": args.ipc, **report["baseline"]})
         print(format_table(rows))
         print("accuracies: " + ", ".join(f"{a:.2f}" for a in evaluation["accs"]))

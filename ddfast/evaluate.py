@@ -2,8 +2,12 @@
 
 ``python -m ddfast.evaluate runs/x/distilled.pt --runs 3`` follows the DC protocol by default
 (ConvNet-D3, SGD lr 0.01 momentum 0.9 wd 5e-4, batch 256, lr ×0.1 after epoch E/2+1, E = 300)
-with DSA augmentation; ``--labels soft`` trains on the stored teacher logits with
-MSE + γ·CE (γ = 0.15, G-VBSM) or, with ``--soft-loss kl``, KL at a temperature.
+with DSA augmentation; ``--labels soft`` (``--recipe static``) trains on the stored teacher logits
+with MSE + γ·CE (γ = 0.15, G-VBSM) or, with ``--soft-loss kl``, KL at a temperature.
+``--recipe fkd`` is the relabel recipe of the G-VBSM/SRe2L papers (``ddfast.fkd``): the teacher
+pool the file names relabels every augmented, cut-mixed batch; AdamW 1e-3, cosine, batch 100.
+``--random-subsets`` evaluates a fresh class-balanced random real subset of the file's IPC per run
+instead of the file's images (the baseline under the same recipe and teachers).
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddfast import data, io, models
-from ddfast.train import TrainConfig, accuracy, fit
+from ddfast import data, fkd, io, models
+from ddfast.methods.random import select as class_balanced_subset
+from ddfast.train import TrainConfig, accuracy, fit, load_teacher_pool
 from ddfast.utils import atomic_write_text, seed_everything
 
 LABEL_MODES = ("hard", "soft")
+RECIPES = ("static", "fkd")
+# Recipe defaults of the options whose meaning is shared: (learning rate, batch size)
+RECIPE_DEFAULTS = {"static": (0.01, 256), "fkd": (1e-3, 100)}
 SOFT_LOSSES = ("mse_ce", "kl")
 
 
@@ -39,20 +47,53 @@ def evaluate_synset(
     soft_loss: str = "mse_ce",
     gamma: float = 0.15,
     temperature: float = 4.0,
-    lr: float = 0.01,
+    lr: float | None = None,
     schedule: str = "step",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     seed: int = 0,
     first_run: int = 0,
+    recipe: str = "static",
+    teachers: list[dict[str, Any]] | None = None,
+    label_cache: str | None = None,
+    random_subsets: bool = False,
 ) -> dict[str, Any]:
     """Train ``runs`` fresh models on (normalised) ``images`` and test each on the dataset's test
     split. Run r (r = first_run, ..., first_run + runs - 1) is seeded with seed·1000 + r, so runs
     split over several processes give the same accuracies as one process. Returns ``{"mean", "std", "accs", "protocol", "seconds"}``; accuracies in percent, std
-    is the population std over runs (np.std, as the DC code reports it)."""
+    is the population std over runs (np.std, as the DC code reports it).
+
+    ``label_mode="hard"`` is always the DC protocol; soft labels follow ``recipe``: "static" (the
+    stored logits under the DC protocol) or "fkd" (``ddfast.fkd``, relabelled online by the pool
+    ``teachers`` names). ``random_subsets`` (fkd) replaces the images by a fresh class-balanced random
+    real subset of the same IPC per run."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    defaults = RECIPE_DEFAULTS[recipe if label_mode == "soft" else "static"]
+    lr = defaults[0] if lr is None else lr
+    batch_size = defaults[1] if batch_size is None else batch_size
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label mode must be one of {LABEL_MODES}, got {label_mode!r}")
     if soft_loss not in SOFT_LOSSES:
         raise ValueError(f"soft loss must be one of {SOFT_LOSSES}, got {soft_loss!r}")
+    if random_subsets and not (recipe == "fkd" and label_mode == "soft"):
+        raise ValueError("--random-subsets is the fkd recipe's baseline: use it with --recipe fkd (soft labels)")
+    if recipe == "fkd" and label_mode == "soft":
+        if not teachers:
+            raise ValueError("the fkd recipe relabels with the teacher pool that distilled the set, and this file names none")
+        if epochs < 1 or batch_size < 1 or runs < 1 or first_run < 0:
+            raise ValueError("epochs, batch size and runs must be >= 1 and the first run >= 0")
+        pool, key = load_teacher_pool(dataset, teachers)
+        source: Any = images.float()
+        if random_subsets:
+            ipc = images.shape[0] // dataset.num_classes
+
+            def source(run_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, ipc, run_seed)
+                return dataset.normalize(dataset.train_images[idx]), dataset.train_labels[idx].clone()
+
+        config = fkd.FKDConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma)
+        return fkd.evaluate_fkd(source, labels, dataset, pool, key, config, model=model, width=width, runs=runs,
+                                seed=seed, first_run=first_run, label_cache=label_cache)
     if label_mode == "soft" and soft_labels is None:
         raise ValueError("--labels soft needs a distilled set with soft labels (this one has none)")
     if runs < 1:
@@ -85,6 +126,7 @@ def evaluate_synset(
         fit(net, images, labels, config, soft_labels=soft, generator=torch.Generator().manual_seed(run_seed), desc=f"eval run {run + 1 - first_run}/{runs}")
         accs.append(accuracy(net, test_images, dataset.test_labels))
     protocol = {
+        "recipe": "static" if label_mode == "soft" else "dc",
         "model": model,
         "width": width,
         "epochs": epochs,
@@ -108,6 +150,9 @@ def evaluate_synset(
 
 
 def protocol_summary(protocol: dict[str, Any]) -> str:
+    if protocol.get("recipe") == "fkd":
+        subsets = ", fresh random subset per run" if protocol.get("random_subset_per_run") else ""
+        return f"{protocol['model']}, {protocol['epochs']} ep, fkd relabel (RRC+flip+CutMix, MSE+{protocol['gamma']:g}CE){subsets}, {protocol['runs']} runs"
     labels = protocol["labels"] if protocol["labels"] == "hard" else f"soft/{protocol['soft_loss']}"
     return f"{protocol['model']}, {protocol['epochs']} ep, {'DSA' if protocol['dsa'] else 'no aug'}, {labels} labels, {protocol['runs']} runs"
 
@@ -136,11 +181,15 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, prefix: str = "") ->
     parser.add_argument(f"{p}width", type=int, default=None, help="evaluation model width (default: the model's standard width)")
     parser.add_argument(f"{p}epochs", type=int, default=300, help="training epochs per run (default 300)")
     parser.add_argument(f"{p}runs", type=int, default=3, help="fresh models trained and tested (default 3)")
-    parser.add_argument(f"{p}lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    parser.add_argument(f"{p}lr", type=float, default=None, help="learning rate (default: 0.01 SGD for hard/static, 1e-3 AdamW for fkd)")
     parser.add_argument(f"{p}schedule", choices=("step", "cosine"), default="step", help="step: ×0.1 after epoch E/2+1 as in the DC code (default); cosine")
-    parser.add_argument(f"{p}batch-size", type=int, default=256, help="training batch size (default 256)")
+    parser.add_argument(f"{p}batch-size", type=int, default=None, help="training batch size (default: 256 for hard/static, 100 for fkd)")
     parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True, help="DSA augmentation while training (default on)")
-    parser.add_argument("--labels", choices=LABEL_MODES, default=None, help="hard: CE on labels; soft: the stored teacher logits (default: soft when the file has them)")
+    parser.add_argument("--labels", choices=LABEL_MODES, default=None, help="hard: CE on labels (DC protocol); soft: teacher labels by --recipe (default: soft when the file has them)")
+    parser.add_argument("--recipe", choices=RECIPES, default="static",
+                        help="soft-label recipe: static = the stored logits under the DC protocol (default); fkd = the G-VBSM/SRe2L "
+                        "relabel recipe (teacher pool on every RandomResizedCrop+flip+CutMix batch, MSE + γ·CE, AdamW, cosine)")
+    parser.add_argument("--label-cache", default=None, help="fkd: store the augmentation draws and teacher logits of a seed here and reuse them")
     parser.add_argument("--soft-loss", choices=SOFT_LOSSES, default="mse_ce", help="soft-label loss: mse_ce = MSE(logits, soft) + γ·CE (G-VBSM, default) or kl")
     parser.add_argument("--gamma", type=float, default=0.15, help="γ of the mse_ce loss (0.15 CIFAR/small datasets, 0.1 ImageNet)")
     parser.add_argument("--temperature", type=float, default=4.0, help="temperature of the kl soft-label loss (default 4)")
@@ -161,6 +210,8 @@ def protocol_kwargs(args: argparse.Namespace, prefix: str, has_soft: bool) -> di
         "soft_loss": args.soft_loss,
         "gamma": args.gamma,
         "temperature": args.temperature,
+        "recipe": args.recipe,
+        "label_cache": args.label_cache,
     }
 
 
@@ -172,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     add_protocol_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for model init, batches and augmentation (default 0)")
     parser.add_argument("--first-run", type=int, default=0, help="index of the first run (seeded seed*1000 + index), to split runs over processes (default 0)")
+    parser.add_argument("--random-subsets", action="store_true",
+                        help="fkd: evaluate a fresh class-balanced random real subset of the file's IPC per run instead of its images")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -180,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load(args.dataset or meta.get("dataset", "fashion-mnist"), args.data_dir)
         result = evaluate_synset(
             synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=args.first_run,
-            **protocol_kwargs(args, "", synset["soft_labels"] is not None),
+            teachers=meta.get("teachers"), random_subsets=args.random_subsets,
+            **protocol_kwargs(args, "", synset["soft_labels"] is not None or (args.recipe == "fkd" and bool(meta.get("teachers")))),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -218,6 +218,31 @@ def get_teacher(
     return model, acc
 
 
+def teacher_spec(model: str, width: int | None, epochs: int, seed: int = 0, train_images: int = 0) -> dict[str, Any]:
+    """How a cached teacher is named in a distilled file's metadata (``meta["teachers"]``)."""
+    return {"model": model, "width": width, "epochs": epochs, "seed": seed, "train_images": train_images}
+
+
+def load_teacher_pool(dataset: data.Dataset, specs: list[dict[str, Any]]) -> tuple[list[nn.Module], str]:
+    """The frozen eval-mode teachers ``specs`` name, from the teacher cache (never trained here: a
+    missing teacher is an error), and a key identifying the pool."""
+    pool = []
+    for spec in specs:
+        subset = random_subset(len(dataset.train_images), spec["train_images"])
+        path = teacher_path(dataset.name, spec["model"], spec["width"], spec["epochs"], spec["seed"], 0 if subset is None else len(subset))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher {spec} is not in the teacher cache ({path}); the fkd recipe relabels with the pool that "
+                "distilled the set: run the distillation (or python -m ddfast.train) with the same cache directory first"
+            )
+        model, _ = get_teacher(dataset, spec["model"], spec["width"], spec["epochs"], spec["seed"], train_images=spec["train_images"])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        pool.append(model.eval())
+    key = ",".join(f"{s['model']}:{s['width']}:e{s['epochs']}:s{s['seed']}:n{s['train_images']}" for s in specs)
+    return pool, key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddfast.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(data.available())}")

@@ -17,3 +17,6 @@ class DistillResult:
     # The random real subset of the same IPC, labelled the way this method labels (same teachers):
     # the baseline "under the same protocol", evaluated and saved beside the distilled set.
     baseline: DistillResult | None = None
+    # The teacher pool that labels this set (``ddfast.train.teacher_spec`` dicts): the relabel
+    # ("fkd") evaluation recipe rebuilds it from the teacher cache.
+    teachers: list[dict[str, Any]] | None = None

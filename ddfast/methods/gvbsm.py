@@ -32,7 +32,7 @@ from ddfast.reference.densify_official import densify_loss_official
 from ddfast.augment import crop_flip
 from ddfast.reference.stat_match_official import OfficialMatcher
 from ddfast.stat_matcher import StatMatcher, model_key
-from ddfast.train import get_teacher, random_subset
+from ddfast.train import get_teacher, random_subset, teacher_spec
 from ddfast.utils import PeakMemory, atomic_torch_save, cache_dir, progress
 
 NAMES = ("gvbsm", "sre2l")
@@ -454,7 +454,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         # The random real subset relabelled by the same pool: the baseline under the same protocol.
         idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, config.ipc, config.seed)
         real = dataset.normalize(dataset.train_images[idx])
-        baseline = DistillResult(images=real, labels=dataset.train_labels[idx].clone(), soft_labels=relabel(pool, real, config.logit_norm))
+        teachers = [teacher_spec(name, width, config.teacher_epochs, 0, config.teacher_images) for name, width in config.backbones.items()]
+        baseline = DistillResult(images=real, labels=dataset.train_labels[idx].clone(), soft_labels=relabel(pool, real, config.logit_norm),
+                                 teachers=teachers)
     stats: dict[str, Any] = {
         "seconds_per_iteration": recover_seconds / iterations_run if iterations_run else None,
         "recover_seconds": recover_seconds,
@@ -462,4 +464,4 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         "time_split_seconds": timing,
         "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
     }
-    return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats, baseline=baseline)
+    return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats, baseline=baseline, teachers=teachers)
