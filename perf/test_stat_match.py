@@ -3,7 +3,9 @@
 Providers, side by side in one run: ``ddfast`` (fused op, default backend for the device),
 ``official`` (the G-VBSM hook math: permute+contiguous+var per statistic), ``torch_compile``
 (torch.compile of the reference). Also: bytes moved vs the floor (x read twice, dx written once)
-and achieved GB/s against the measured copy bandwidth.
+and achieved GB/s against the measured copy bandwidth. The 14/7 px shapes need the official
+bilinear resize to a multiple of the patch for their patch statistics: ddfast forms the resized
+values inside the kernels, the official hook calls ``F.interpolate``.
 """
 import pytest
 import torch
@@ -11,9 +13,11 @@ import torch
 from bench import copy_bandwidth_gbs, peak_mem_mb, record, time_ms
 from ddfast.ops import moments
 from ddfast.reference import stat_match as ref
-from ddfast.reference.stat_match_official import OfficialConvHook
+from ddfast.reference.stat_match_official import ConvFeatureHook
 
-SHAPES = [(100, 128, 32, 32), (100, 128, 16, 16), (100, 64, 28, 28), (40, 64, 56, 56)]
+SHAPES = [(100, 128, 32, 32), (100, 128, 16, 16), (100, 64, 28, 28), (40, 64, 56, 56),
+          (100, 64, 14, 14), (100, 128, 7, 7), (100, 144, 7, 7)]
+RESIZED = [s for s in SHAPES if s[2] % 4 or s[3] % 4]
 PATCH = 4
 ALPHA = 0.8
 _rows: dict = {}
@@ -56,10 +60,10 @@ def test_stat_match_fwd_bwd(shape):
     results["ddfast"] = lambda: _ddfast_step(x, targets, ema)
 
     layer = torch.nn.Conv2d(shape[1], 1, 1)  # the official hook watches a conv's input
-    hook = OfficialConvHook(layer, tuple(targets), PATCH, ALPHA)
+    hook = ConvFeatureHook(layer, tuple(targets), training_momentum=ALPHA, patch_size=PATCH)
 
     def official():
-        hook.hook_fn(layer, (x,), None)
+        hook.post_hook_fn(layer, (x,), None)
         hook.r_feature.backward()
         return hook.r_feature
 
@@ -87,7 +91,7 @@ def test_stat_match_fwd_bwd(shape):
         mem = peak_mem_mb(step)
         record("stat_match", provider, "fwd_bwd", shape_str, "peak_mem", "MB", (mem, mem, mem))
         timings[provider + "_mem"] = mem
-    hook.remove()
+    hook.close()
 
     nbytes = x.numel() * x.element_size()
     floor = 3 * nbytes  # forward reads x, backward reads x and writes dx
@@ -104,3 +108,6 @@ def test_stat_match_fwd_bwd(shape):
         f"{achieved:.1f} GB/s on the {floor / 1e6:.0f} MB floor = {achieved / copy:.0%} of copy ({copy:.1f} GB/s)"
     )
     assert vs_official > 1.0, "the fused path should never be slower than the official hook math"
+    if shape in RESIZED:  # the issue's bar for the resize-fused shapes
+        assert vs_official >= 5.0, f"only {vs_official:.1f}x the official hook on a resized shape"
+        assert vs_compile >= 2.0, f"only {vs_compile:.1f}x torch.compile on a resized shape"
