@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_threads", &ddfast::num_threads, "OpenMP threads the kernels will use");
   m.def("stat_match_forward", &ddfast::stat_match_forward, py::arg("x"), py::arg("patch"),
         "K1 forward: (cmean[C], cm2[C], pmean[K], pm2[K]) of x [B,C,H,W]; M2 = sum of squared "
-        "deviations; float32 (float64 for float64 x); empty pmean/pm2 when patch == 0");
+        "deviations; float64; patch pair of x bilinearly resized to multiples of patch when it does not "
+        "divide H or W; empty pmean/pm2 when patch == 0");
   m.def("stat_match_backward", &ddfast::stat_match_backward, py::arg("x"), py::arg("cmean"),
         py::arg("g_cmean"), py::arg("g_cvar"), py::arg("pmean"), py::arg("g_pmean"), py::arg("g_pvar"),
         py::arg("patch"), py::arg("count_c"), py::arg("count_p"),

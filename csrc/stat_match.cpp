@@ -19,6 +19,15 @@
 // means into the constants keeps dx accurate for inputs with a large mean. dx comes from the
 // page-resident buffer cache (csrc/buffer_cache.cpp).
 //
+// Patch p > 0 not dividing H or W: the channel statistics stay those of x, the patch statistics are
+// those of x' = R_h x R_wᵀ, the bilinear resize to H' = ceil(H/p) p, W' = ceil(W/p) p exactly as
+// F.interpolate(mode="bilinear", align_corners=False) (a dimension that already is a multiple keeps
+// R = identity), with K' = (H'/p)(W'/p) patches. x' is never materialised: per (b, c) plane (either
+// layout) the kernels gather the plane into per-thread scratch, take its channel partial, form x'
+// centered on the plane mean from the 2 x 2 taps and feed it to the same tile-row kernels (see
+// forward_resize). Backward: dx = A[c] + S[c](x - cmean[c]) + R_hᵀ [P + Q (x' - pmean[k])] R_w per
+// plane, the adjoint as gathers with fixed tap order (backward_resize).
+//
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
 // strides are made contiguous with x.contiguous() first (one extra copy; dx is then contiguous).
 //
@@ -70,6 +79,33 @@ constexpr int64_t kMaxGroups = 256;
 constexpr int64_t kMaxGroupEntries = int64_t(1) << 20;
 
 inline double nonneg(double v) { return v < 0.0 ? 0.0 : v; }  // NaN passes through
+
+// One dimension of the bilinear resize to the next multiple of the patch, as F.interpolate(...,
+// mode="bilinear", align_corners=False) computes it: output i = wlo[i] * in[lo[i]] + whi[i] * in[hi[i]]
+// with src = max(0, (i + 1/2) * n_in / n_out - 1/2), lo = floor(src), hi = min(lo + 1, n_in - 1),
+// whi = src - lo (weights in double). A size that already is a multiple is left alone (identity).
+struct Resize1D {
+  int64_t n_in = 0, n_out = 0;
+  std::vector<int32_t> lo, hi;
+  std::vector<double> wlo, whi;
+  bool identity() const { return n_in == n_out; }
+};
+
+inline Resize1D make_resize(int64_t n_in, int64_t p) {
+  Resize1D r;
+  r.n_in = n_in;
+  r.n_out = (n_in + p - 1) / p * p;
+  const double scale = double(n_in) / double(r.n_out);
+  for (int64_t i = 0; i < r.n_out; ++i) {
+    const double src = std::max(0.0, (double(i) + 0.5) * scale - 0.5);
+    const int64_t lo = std::min<int64_t>(int64_t(std::floor(src)), n_in - 1);
+    r.lo.push_back(int32_t(lo));
+    r.hi.push_back(int32_t(std::min<int64_t>(lo + 1, n_in - 1)));
+    r.whi.push_back(src - double(lo));
+    r.wlo.push_back(1.0 - (src - double(lo)));
+  }
+  return r;
+}
 
 }  // namespace sm_common
 }  // namespace ddfast
@@ -148,11 +184,17 @@ void check_input(const at::Tensor& x, int64_t patch, const char* fn) {
               ": x must be float32, float16, bfloat16 or float64, got ", st);
   TORCH_CHECK(x.numel() > 0, fn, ": x must be non-empty, got shape ", x.sizes());
   TORCH_CHECK(patch >= 0, fn, ": patch must be >= 0, got ", patch);
-  if (patch > 0) {
-    TORCH_CHECK(x.size(2) % patch == 0 && x.size(3) % patch == 0, fn, ": patch ", patch,
-                " must divide H and W (got H=", x.size(2), ", W=", x.size(3),
-                "); resize the input first");
-  }
+}
+
+// Patch statistics of the bilinear resize (patch > 0 not dividing H or W): x' is never materialised.
+bool needs_resize(const at::Tensor& x, int64_t patch) {
+  return patch > 0 && (x.size(2) % patch != 0 || x.size(3) % patch != 0);
+}
+
+// Element offsets (channel to channel, pixel to pixel) of a plane of x in its layout.
+void plane_strides(const at::Tensor& x, Layout layout, int64_t* sc, int64_t* ps) {
+  *sc = layout == Layout::NCHW ? x.size(2) * x.size(3) : 1;
+  *ps = layout == Layout::NCHW ? 1 : x.size(1);
 }
 
 // Small per-channel / per-patch vector as a contiguous double tensor of n entries.
@@ -174,15 +216,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   Layout layout;
   const at::Tensor x = pick_layout(x_in, &layout);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const bool patches = patch > 0;
-  const int64_t K = patches ? (H / patch) * (W / patch) : 0;
-  // Units: planes (NCHW) or samples (NHWC), in fixed groups of consecutive units.
-  const int64_t U = layout == Layout::NCHW ? B * C : B;
-  // NCHW planes are small units: at least 8 per group (fewer, larger partials to merge).
-  int64_t G = std::min<int64_t>(layout == Layout::NCHW ? std::max<int64_t>(1, U / 8) : U,
-                                sm_common::kMaxGroups);
+  const bool patches = patch > 0, resize = needs_resize(x, patch);
+  const int64_t K = patches ? ((H + patch - 1) / patch) * ((W + patch - 1) / patch) : 0;
+  // Units: planes (NCHW, and either layout when resizing) or samples (NHWC), in fixed groups of
+  // consecutive units.
+  const bool plane_units = layout == Layout::NCHW || resize;
+  const int64_t U = plane_units ? B * C : B;
+  // Planes are small units: at least 8 per group (fewer, larger partials to merge).
+  int64_t G = std::min<int64_t>(plane_units ? std::max<int64_t>(1, U / 8) : U, sm_common::kMaxGroups);
   if (patches) G = std::max<int64_t>(1, std::min<int64_t>(G, sm_common::kMaxGroupEntries / K));
-  const int64_t unit_count = layout == Layout::NCHW ? patch * patch : C * patch * patch;
+  const int64_t unit_count = plane_units ? patch * patch : C * patch * patch;
 
   auto dopt = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor umean = at::empty({B * C}, dopt), um2 = at::empty({B * C}, dopt);
@@ -192,9 +235,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   double* gmean_p = gmean.data_ptr<double>();
   double* gm2_p = gm2.data_ptr<double>();
   const bool avx2 = use_avx2();
+  sm_common::Resize1D rh, rw;
+  int64_t sc = 0, ps = 0;
+  if (resize) {
+    rh = sm_common::make_resize(H, patch);
+    rw = sm_common::make_resize(W, patch);
+    plane_strides(x, layout, &sc, &ps);
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stat_match_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (resize) {
+#ifdef DDFAST_SM_HAVE_AVX2
+      if (avx2) {
+        sm_avx2::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, G);
+        return;
+      }
+#endif
+      sm_base::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, G);
+      return;
+    }
 #ifdef DDFAST_SM_HAVE_AVX2
     if (avx2) {
       if (layout == Layout::NCHW)
@@ -229,19 +289,19 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
   Layout layout;
   const at::Tensor x = pick_layout(x_in, &layout);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const bool patches = patch > 0;
+  const bool patches = patch > 0, resize = needs_resize(x, patch);
   TORCH_CHECK(count_c > 0, "stat_match_backward: count_c must be > 0, got ", count_c);
   if (patches) TORCH_CHECK(count_p > 0, "stat_match_backward: count_p must be > 0, got ", count_p);
-  const int64_t K = patches ? (H / patch) * (W / patch) : 0;
+  const int64_t K = patches ? ((H + patch - 1) / patch) * ((W + patch - 1) / patch) : 0;
 
   const at::Tensor cm = vec_as_double(cmean, C, "cmean", "C");
   const at::Tensor gcm = vec_as_double(g_cmean, C, "g_cmean", "C");
   const at::Tensor gcv = vec_as_double(g_cvar, C, "g_cvar", "C");
   at::Tensor pm, gpm, gpv;
   if (patches) {
-    pm = vec_as_double(pmean, K, "pmean", "K = (H/patch)*(W/patch)");
-    gpm = vec_as_double(g_pmean, K, "g_pmean", "K = (H/patch)*(W/patch)");
-    gpv = vec_as_double(g_pvar, K, "g_pvar", "K = (H/patch)*(W/patch)");
+    pm = vec_as_double(pmean, K, "pmean", "K = ceil(H/patch)*ceil(W/patch)");
+    gpm = vec_as_double(g_pmean, K, "g_pmean", "K = ceil(H/patch)*ceil(W/patch)");
+    gpv = vec_as_double(g_pvar, K, "g_pvar", "K = ceil(H/patch)*ceil(W/patch)");
   }
 
   at::Tensor dx = cached_empty(x.sizes(), x.options(),
@@ -261,6 +321,37 @@ at::Tensor stat_match_backward(const at::Tensor& x_in, const at::Tensor& cmean, 
       M[c] = static_cast<acc_t>(cm_p[c]);
       S[c] = static_cast<acc_t>(2.0 * gcv_p[c] * ic);
       A[c] = static_cast<acc_t>(gcm_p[c] * ic - 2.0 * gcv_p[c] * ic * (cm_p[c] - double(M[c])));
+    }
+    if (resize) {
+      // Per-pixel maps of x' [H', W']: x' is formed centered on M[c], so the patch term
+      // P + Q (x' - pmean) = Q (x' - M[c]) + (P - Q (pmean - M[c])), the constant in double.
+      const sm_common::Resize1D rh = sm_common::make_resize(H, patch), rw = sm_common::make_resize(W, patch);
+      const int64_t W2 = rw.n_out, HW2 = rh.n_out * W2, Kw = W2 / patch;
+      std::vector<acc_t> QM(HW2), RM(C * HW2);
+      const double ip = 1.0 / count_p;
+      const double* pm_p = pm.data_ptr<double>();
+      const double* gpm_p = gpm.data_ptr<double>();
+      const double* gpv_p = gpv.data_ptr<double>();
+      for (int64_t i = 0; i < HW2; ++i) {
+        const int64_t k = (i / W2 / patch) * Kw + (i % W2) / patch;
+        QM[i] = static_cast<acc_t>(2.0 * gpv_p[k] * ip);
+        for (int64_t c = 0; c < C; ++c)
+          RM[c * HW2 + i] = static_cast<acc_t>(gpm_p[k] * ip - 2.0 * gpv_p[k] * ip * (pm_p[k] - double(M[c])));
+      }
+      int64_t sc, ps;
+      plane_strides(x, layout, &sc, &ps);
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+#ifdef DDFAST_SM_HAVE_AVX2
+      if (avx2) {
+        sm_avx2::backward_resize<scalar_t, acc_t>(xp, dp, B, C, H, W, sc, ps, rh, rw, A.data(), S.data(), M.data(),
+                                                  QM.data(), RM.data());
+        return;
+      }
+#endif
+      sm_base::backward_resize<scalar_t, acc_t>(xp, dp, B, C, H, W, sc, ps, rh, rw, A.data(), S.data(), M.data(),
+                                                QM.data(), RM.data());
+      return;
     }
     std::vector<acc_t> P, Q, PM;
     if (patches) {
@@ -632,6 +723,34 @@ SM_ATTR void nchw_tilerow_generic(const scalar_t* __restrict r0, int64_t W, int6
   }
 }
 
+// Tile stats of one tile-row (p rows x W, row stride W) into tm/tc/tv (8 entries of slack): the
+// fastest kernel for p, W and the accumulation type. vec: W >= L and p a power of 2 <= 32.
+template <typename scalar_t, typename acc_t>
+SM_ATTR inline __attribute__((always_inline)) void nchw_tilerow(const scalar_t* __restrict r0, int64_t W, int64_t p,
+                                                                acc_t inv_nf, bool vec, acc_t* __restrict s1,
+                                                                acc_t* __restrict s2, acc_t* __restrict mrow,
+                                                                acc_t* __restrict a, acc_t* __restrict b,
+                                                                acc_t* __restrict c) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (p == 4) {
+      nchw_tilerow_f4<scalar_t>(r0, W, p, inv_nf, a, b, c);
+      return;
+    }
+  }
+  if (!vec) {
+    nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, s1, s2, mrow, a, b, c);
+    return;
+  }
+  switch (p) {
+    case 1: nchw_tilerow_vec<1, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+    case 2: nchw_tilerow_vec<2, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+    case 4: nchw_tilerow_vec<4, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+    case 8: nchw_tilerow_vec<8, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+    case 16: nchw_tilerow_vec<16, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+    default: nchw_tilerow_vec<32, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
+  }
+}
+
 // Whole plane (patch == 0): two passes over n contiguous elements with 4 vector accumulators each;
 // pass 2 flushes its lanes into double every 4096 elements.
 template <typename scalar_t, typename acc_t>
@@ -710,28 +829,8 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
         for (int64_t i = 0; i < nth; ++i) {
           const scalar_t* r0 = xp + i * p * W;
           prefetch_range(r0 + pf, p * W * int64_t(sizeof(scalar_t)));
-          acc_t* a = tm + i * ntw;
-          acc_t* b = tc + i * ntw;
-          acc_t* c = tv + i * ntw;
-          if constexpr (std::is_same<acc_t, float>::value) {
-            if (p == 4) {
-              nchw_tilerow_f4<scalar_t>(r0, W, p, inv_nf, a, b, c);
-              continue;
-            }
-          }
-          if (!vec) {
-            nchw_tilerow_generic<scalar_t, acc_t>(r0, W, p, p, inv_nf, s1.data(), s2.data(), mrow.data(),
-                                                  a, b, c);
-            continue;
-          }
-          switch (p) {
-            case 1: nchw_tilerow_vec<1, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-            case 2: nchw_tilerow_vec<2, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-            case 4: nchw_tilerow_vec<4, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-            case 8: nchw_tilerow_vec<8, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-            case 16: nchw_tilerow_vec<16, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-            default: nchw_tilerow_vec<32, scalar_t, acc_t>(r0, W, p, inv_nf, a, b, c); break;
-          }
+          nchw_tilerow<scalar_t, acc_t>(r0, W, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(), tm + i * ntw,
+                                        tc + i * ntw, tv + i * ntw);
         }
         // One pass over the plane's T tiles: the plane (union of its equal-count tiles, centered on
         // the first tile's provisional mean, sums in double) and the streaming Chan merge of the
@@ -1221,6 +1320,223 @@ SM_ATTR void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx
         }
         store_from_float<scalar_t>(dp + c0, rf, n);
       }
+    }
+  }
+}
+
+// ---- bilinear resize (patch > 0 not dividing H or W) ------------------------------------------
+// Unit: one (b, c) plane in either layout (sc: element offset between channels, ps: between pixels),
+// gathered into acc_t scratch. Forward: the plane's channel partial (plane_twopass), then x' - s =
+// R_h (x - s) R_wᵀ with s the plane mean (centered, so a large mean costs no precision; a non-finite
+// mean gives s = 0 so NaN/Inf reach only the patches their taps feed), tile stats of x' - s with the
+// tile-row kernels and the streaming Chan merge into the group's patch partials. Planes are numbered
+// b * C + c in both layouts, so NCHW and channels_last give identical results. x' lives only in
+// per-thread scratch ([H', W'] per plane).
+// Adjoint taps: input i gathers ta entries (at[i * ta + t] of out, weight aw[i * ta + t]) instead of
+// a scatter's dependent read-modify-writes; unused taps read entry n_out (a zero pad) with weight 0.
+template <typename acc_t>
+struct ResizeTab {
+  const int32_t* lo;
+  const int32_t* hi;
+  std::vector<acc_t> wl, wh, aw;
+  std::vector<int32_t> at;
+  int64_t n_in, n_out, ta = 0;
+  bool id;
+  explicit ResizeTab(const sm_common::Resize1D& r)
+      : lo(r.lo.data()), hi(r.hi.data()), wl(r.wlo.begin(), r.wlo.end()), wh(r.whi.begin(), r.whi.end()),
+        n_in(r.n_in), n_out(r.n_out), id(r.identity()) {
+    std::vector<int64_t> n(n_in, 0);
+    for (int64_t j = 0; j < n_out; ++j) {
+      ++n[lo[j]];
+      ++n[hi[j]];
+    }
+    for (int64_t i = 0; i < n_in; ++i) ta = std::max(ta, n[i]);
+    at.assign(n_in * ta, int32_t(n_out));
+    aw.assign(n_in * ta, acc_t(0));
+    std::fill(n.begin(), n.end(), 0);
+    for (int64_t j = 0; j < n_out; ++j) {  // increasing j: a fixed summation order
+      at[lo[j] * ta + n[lo[j]]] = int32_t(j);
+      aw[lo[j] * ta + n[lo[j]]++] = wl[j];
+      at[hi[j] * ta + n[hi[j]]] = int32_t(j);
+      aw[hi[j] * ta + n[hi[j]]++] = wh[j];
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+SM_ATTR inline void load_plane(acc_t* __restrict dst, const scalar_t* __restrict src, int64_t n, int64_t ps) {
+  if (ps == 1) {
+    if constexpr (std::is_same<scalar_t, acc_t>::value)
+      std::memcpy(dst, src, n * sizeof(acc_t));
+    else
+      load_to_float<scalar_t>(dst, src, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * ps]);
+}
+
+template <typename scalar_t, typename acc_t>
+SM_ATTR inline void store_plane(scalar_t* __restrict dst, const acc_t* __restrict src, int64_t n, int64_t ps) {
+  if (ps == 1) {
+    if constexpr (std::is_same<scalar_t, acc_t>::value)
+      std::memcpy(dst, src, n * sizeof(acc_t));
+    else
+      store_from_float<scalar_t>(dst, src, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i * ps] = static_cast<scalar_t>(src[i]);
+}
+
+// R_h · d · R_wᵀ of one plane d [H, W]: along W into tmp [H, W'], then along H into out [H', W'].
+// Returns the result (tmp when H needs no resize).
+template <typename acc_t>
+SM_ATTR acc_t* resize_plane(acc_t* __restrict d, const ResizeTab<acc_t>& rh, const ResizeTab<acc_t>& rw,
+                            acc_t* __restrict tmp, acc_t* __restrict out) {
+  const int64_t W = rw.n_in, W2 = rw.n_out;
+  acc_t* rows = d;
+  if (!rw.id) {
+    const acc_t* __restrict wl = rw.wl.data();
+    const acc_t* __restrict wh = rw.wh.data();
+    for (int64_t h = 0; h < rh.n_in; ++h) {
+      const acc_t* __restrict dr = d + h * W;
+      acc_t* __restrict tr = tmp + h * W2;
+      for (int64_t j = 0; j < W2; ++j) tr[j] = wl[j] * dr[rw.lo[j]] + wh[j] * dr[rw.hi[j]];
+    }
+    rows = tmp;
+  }
+  if (rh.id) return rows;
+  for (int64_t i = 0; i < rh.n_out; ++i) {
+    const acc_t* __restrict a = rows + rh.lo[i] * W2;
+    const acc_t* __restrict b = rows + rh.hi[i] * W2;
+    const acc_t wa = rh.wl[i], wb = rh.wh[i];
+    acc_t* __restrict o = out + i * W2;
+#pragma omp simd
+    for (int64_t j = 0; j < W2; ++j) o[j] = wa * a[j] + wb * b[j];
+  }
+  return out;
+}
+
+// The adjoint R_hᵀ · g · R_w of g [H', W']: along H into tmp [H, W' (+ 1 zero pad column when W is
+// resized)], then along W (gather taps) into out [H, W]. Fixed summation order (deterministic).
+// Returns the result (tmp when W needs no resize). tmp: H * (W' + 1) entries.
+template <typename acc_t>
+SM_ATTR const acc_t* resize_adjoint(const acc_t* __restrict g, const ResizeTab<acc_t>& rh,
+                                    const ResizeTab<acc_t>& rw, acc_t* __restrict tmp, acc_t* __restrict out) {
+  const int64_t W = rw.n_in, W2 = rw.n_out, ld = rw.id ? W2 : W2 + 1;
+  if (rh.id && rw.id) return g;
+  if (!rh.id) {
+    std::fill(tmp, tmp + rh.n_in * ld, acc_t(0));
+    for (int64_t i = 0; i < rh.n_out; ++i) {
+      const acc_t* __restrict gi = g + i * W2;
+      const acc_t wa = rh.wl[i], wb = rh.wh[i];
+      acc_t* __restrict a = tmp + rh.lo[i] * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < W2; ++j) a[j] += wa * gi[j];
+      acc_t* __restrict b = tmp + rh.hi[i] * ld;  // may be row a: a separate loop
+#pragma omp simd
+      for (int64_t j = 0; j < W2; ++j) b[j] += wb * gi[j];
+    }
+    if (rw.id) return tmp;
+  } else {
+    for (int64_t h = 0; h < rh.n_in; ++h) {
+      std::memcpy(tmp + h * ld, g + h * W2, W2 * sizeof(acc_t));
+      tmp[h * ld + W2] = acc_t(0);
+    }
+  }
+  const int64_t ta = rw.ta;
+  const int32_t* __restrict at = rw.at.data();
+  const acc_t* __restrict aw = rw.aw.data();
+  for (int64_t h = 0; h < rh.n_in; ++h) {
+    const acc_t* __restrict r = tmp + h * ld;
+    acc_t* __restrict o = out + h * W;
+    for (int64_t w = 0; w < W; ++w) {
+      acc_t v = aw[w * ta] * r[at[w * ta]];
+      for (int64_t t = 1; t < ta; ++t) v += aw[w * ta + t] * r[at[w * ta + t]];
+      o[w] = v;
+    }
+  }
+  return out;
+}
+
+template <typename scalar_t>
+SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sc,
+                            int64_t ps, int64_t p, const sm_common::Resize1D& rh_, const sm_common::Resize1D& rw_,
+                            double* __restrict umean, double* __restrict um2,  // [B*C]
+                            double* __restrict gmean, double* __restrict gm2,  // [G*K]
+                            int64_t G) {
+  using acc_t = acc_t_of<scalar_t>;
+  const ResizeTab<acc_t> rh(rh_), rw(rw_);
+  const int64_t U = B * C, HW = H * W, H2 = rh.n_out, W2 = rw.n_out, ntw = W2 / p, T = (H2 / p) * ntw;
+  const double tn = double(p * p);
+  const acc_t inv_nf = acc_t(1) / acc_t(p * p);
+  const bool vec = W2 >= Vec<acc_t>::L && (p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32);
+#pragma omp parallel
+  {
+    std::vector<acc_t> xs(HW), tmp(H * W2), xr(H2 * W2), s1(W2), s2(W2), mrow(W2), tmv(T + 8), tcv(T + 8),
+        tvv(T + 8);
+    acc_t* __restrict tm = tmv.data();
+    acc_t* __restrict tc = tcv.data();
+    acc_t* __restrict tv = tvv.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
+      for (int64_t u = u0; u < u1; ++u) {
+        load_plane<scalar_t, acc_t>(xs.data(), x + (u / C) * C * HW + (u % C) * sc, HW, ps);
+        plane_twopass<acc_t, acc_t>(xs.data(), HW, umean + u, um2 + u, 0);
+        const acc_t s = std::isfinite(umean[u]) ? static_cast<acc_t>(umean[u]) : acc_t(0);
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) xs[i] -= s;
+        const acc_t* r = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
+        for (int64_t i = 0; i < H2 / p; ++i)
+          nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(),
+                                     tm + i * ntw, tc + i * ntw, tv + i * ntw);
+        double* __restrict gmu = gmean + g * T;
+        double* __restrict gvu = gm2 + g * T;
+        const int64_t j = u - u0;
+        const double rj = 1.0 / double(j + 1), wgt = tn * double(j) * rj;
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t) {
+          const double mt = double(s) + (double(tm[t]) + double(tc[t]));
+          const double v = double(tv[t]);
+          const double dg = j == 0 ? 0.0 : mt - gmu[t];
+          gmu[t] = j == 0 ? mt : gmu[t] + dg * rj;
+          gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
+        }
+      }
+    }
+  }
+}
+
+// Backward per plane: d = x - M[c] (the channel term S (x - M) and the resize input: x' - M = R_h d
+// R_wᵀ), g' = QM (x' - M) + RM[c] on [H', W'] (per-pixel maps: QM = Q of the pixel's patch, RM[c] =
+// P - Q (pmean - M[c]), both terms O(spread) however large the mean), then dx = A + S d + R_hᵀ g' R_w.
+template <typename scalar_t, typename acc_t>
+SM_ATTR void backward_resize(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C, int64_t H,
+                             int64_t W, int64_t sc, int64_t ps, const sm_common::Resize1D& rh_,
+                             const sm_common::Resize1D& rw_, const acc_t* __restrict A, const acc_t* __restrict S,
+                             const acc_t* __restrict M, const acc_t* __restrict QM /*[H'W']*/,
+                             const acc_t* __restrict RM /*[C*H'W']*/) {
+  const ResizeTab<acc_t> rh(rh_), rw(rw_);
+  const int64_t U = B * C, HW = H * W, HW2 = rh.n_out * rw.n_out;
+#pragma omp parallel
+  {
+    // ta: the adjoint's own scratch (tmp can hold g' when only W is resized)
+    std::vector<acc_t> xs(HW), tmp(H * rw.n_out), xr(HW2), ta(H * (rw.n_out + 1)), ob(HW);
+#pragma omp for schedule(dynamic, std::max<int64_t>(1, U / 256))
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t c = u % C, off = (u / C) * C * HW + c * sc;
+      load_plane<scalar_t, acc_t>(xs.data(), x + off, HW, ps);
+      const acc_t a = A[c], s = S[c], m = M[c];
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) xs[i] -= m;
+      acc_t* __restrict gp = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
+      const acc_t* __restrict rm = RM + c * HW2;
+#pragma omp simd
+      for (int64_t i = 0; i < HW2; ++i) gp[i] = QM[i] * gp[i] + rm[i];
+      const acc_t* __restrict dr = resize_adjoint<acc_t>(gp, rh, rw, ta.data(), ob.data());
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) xs[i] = (a + s * xs[i]) + dr[i];
+      store_plane<scalar_t, acc_t>(dx + off, xs.data(), HW, ps);
     }
   }
 }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddfast.distill import build_parser, run
+from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import gvbsm
 
 BASE = ["--dataset", "synthetic", "--ipc", "4", "--iterations", "3", "--batch-size", "8",
@@ -65,6 +66,28 @@ def test_evaluation_reports_the_random_baseline_under_the_same_protocol(tmp_path
     assert "random (same teachers)" in table and "s/iteration" in table
 
 
+def test_fkd_recipe_end_to_end(tmp_path, capsys):
+    out = tmp_path / "f"
+    args = build_parser().parse_args(
+        ["--method", "gvbsm", *BASE[:-1], "--recipe", "fkd", "--eval-epochs", "1", "--eval-runs", "1", "--eval-width", "8", "--out", str(out)]
+    )
+    report = run(args)
+    assert report["protocol"]["recipe"] == "fkd" and report["protocol"]["batch_size"] == 100
+    assert report["hard_labels"]["protocol"]["recipe"] == "dc" and report["hard_labels"]["protocol"]["batch_size"] == 256
+    assert report["baseline"]["protocol"]["random_subset_per_run"]
+    assert set(report["time_split_seconds"]) >= {"teachers", "student"}
+    meta = torch.load(out / "distilled.pt", weights_only=True)["meta"]
+    assert [t["model"] for t in meta["teachers"]] == ["resnet18", "convnet"]
+    assert "fkd relabel" in capsys.readouterr().out
+    # the evaluation CLI rebuilds the pool from the teacher cache...
+    assert evaluate_main([str(out / "distilled.pt"), "--recipe", "fkd", "--epochs", "1", "--runs", "1", "--width", "8"]) == 0
+    # ...and says so when the cache does not hold it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDFAST_CACHE_DIR", str(tmp_path / "empty-cache"))
+        assert evaluate_main([str(out / "distilled.pt"), "--recipe", "fkd", "--epochs", "1", "--runs", "1"]) == 2
+    assert "not in the teacher cache" in capsys.readouterr().err
+
+
 def test_interrupted_run_resumes_to_the_same_images(tmp_path, monkeypatch):
     reference = _run(tmp_path, "whole", "--ipc", "2", "--batch-size", "4")  # 10 classes -> 5 batches
     real = gvbsm.recover_batch
@@ -118,6 +141,7 @@ def test_sre2l_matches_bn_only(tmp_path):
         (["--backend", "reference", "--segment", "2"], "no segment mode"),
         (["--iterations", "0"], "--iterations must be >= 1"),
         (["--stats-images", "-1"], "--stats-images must be >= 0"),
+        (["--backend", "reference", "--ema-init", "first"], "use --ema-init zero"),
     ],
 )
 def test_bad_arguments_fail_before_work(tmp_path, extra, message):

@@ -96,6 +96,15 @@ def test_nan_propagates_to_the_affected_statistics(backend):
     assert torch.isfinite(pm[[0, 2, 3]]).all()
 
 
+@pytest.mark.parametrize("size", [(7, 8), (14, 16), (13, 16), (1, 4), (8, 8), (56, 64)])
+def test_bilinear_matrix_is_the_official_resize(size):
+    x = torch.randn(2, 3, size[0], size[0] + 1, dtype=torch.float64)
+    out = (size[1], ref.patch_multiple(size[0] + 1, 4))
+    want = torch.nn.functional.interpolate(x, size=out, mode="bilinear")
+    got = torch.einsum("Hh,bchw,Ww->bcHW", ref.bilinear_matrix(size[0], out[0]), x, ref.bilinear_matrix(size[0] + 1, out[1]))
+    assert rel_error(got, want) < 1e-15
+
+
 def test_reference_gradcheck_float64():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     for patch in (None, 4):  # 6 -> resized to 8 for patch 4

@@ -3,6 +3,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ddfast._C as _C
 
@@ -190,8 +191,6 @@ def test_errors():
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(RuntimeError, match="4-D"):
         _C.stat_match_forward(torch.randn(3, 8, 8), 4)
-    with pytest.raises(RuntimeError, match="divide"):
-        _C.stat_match_forward(torch.randn(2, 3, 8, 6), 4)
     with pytest.raises(RuntimeError, match="float"):
         _C.stat_match_forward(torch.ones(2, 3, 8, 8, dtype=torch.int32), 4)
     with pytest.raises(RuntimeError, match="patch must be >= 0"):
@@ -201,6 +200,158 @@ def test_errors():
         _C.stat_match_backward(x, c, c, torch.zeros(2), k, k, k, 4, 1.0, 1.0)
     with pytest.raises(RuntimeError, match="pmean must have 4 entries"):
         _C.stat_match_backward(x, c, c, c, torch.zeros(5), k, k, 4, 1.0, 1.0)
+    x86 = torch.randn(2, 3, 8, 6)  # W resized to 8: K = 2 * 2, not (8 // 4) * (6 // 4)
+    with pytest.raises(RuntimeError, match="pmean must have 4 entries"):
+        _C.stat_match_backward(x86, c, c, c, torch.zeros(2), k, k, 4, 1.0, 1.0)
     e = torch.zeros(0)
     dx = _C.stat_match_backward(x, c, c, c, e, e, e, 0, 1.0, 0.0)  # patch 0: patch vectors unused
     assert dx.shape == x.shape
+
+
+# ---- patch not dividing H or W: patch statistics of the bilinear resize (F.interpolate) --------
+RESIZE_SHAPES = [  # (B, C, H, W, p)
+    (1, 3, 7, 7, 4), (2, 3, 14, 13, 4), (2, 4, 1, 7, 4), (3, 5, 14, 14, 4), (2, 6, 9, 16, 4),
+    (2, 3, 12, 10, 8), (2, 4, 6, 5, 2), (1, 2, 5, 5, 3), (2, 3, 14, 14, 16),
+]
+
+
+def resized(xd, p):
+    """x' as F.interpolate computes it (float64); x itself along a dimension that needs no resize."""
+    H, W = xd.shape[-2:]
+    size = (-(-H // p) * p, -(-W // p) * p)
+    return F.interpolate(xd, size=size, mode="bilinear", align_corners=False)
+
+
+def ref_stats_resize(x, p):
+    xd = x.double()
+    cmean, cm2, _, _ = ref_stats(xd, 0)
+    _, _, pmean, pm2 = ref_stats(resized(xd, p), p)
+    return cmean, cm2, pmean, pm2
+
+
+def ref_dx_resize(x, cmean, g_cmean, g_cvar, pmean, g_pmean, g_pvar, p, count_c, count_p):
+    """Channel term on x; patch term on x' pulled back through F.interpolate's own backward."""
+    xd = x.double().requires_grad_(True)
+    xr = resized(xd, p)
+    dxr = ref_dx(xr.detach(), pmean.new_zeros(xr.shape[1]), pmean.new_zeros(xr.shape[1]),
+                 pmean.new_zeros(xr.shape[1]), pmean, g_pmean, g_pvar, p, 1.0, count_p)
+    (back,) = torch.autograd.grad(xr, xd, dxr)
+    return ref_dx(x, cmean, g_cmean, g_cvar, None, None, None, 0, count_c, 1.0) + back
+
+
+def run_resize(x, p, gen, count_scale=(3.0, 2.0)):
+    got = _C.stat_match_forward(x, p)
+    B, C, H, W = x.shape
+    K = got[2].numel()
+    g = [torch.randn(n, generator=gen, dtype=torch.float64) for n in (C, C, K, K)]
+    counts = (count_scale[0] * B * H * W, count_scale[1] * B * C * p * p)  # "global" counts != local
+    dx = _C.stat_match_backward(x, got[0], g[0], g[1], got[2], g[2], g[3], p, *counts)
+    return got, dx, (got[0], g[0], g[1], got[2], g[2], g[3], p, *counts)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "noncontig"])
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("shape", RESIZE_SHAPES)
+def test_resize_forward_backward(shape, dtype, layout):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("resize", shape, str(dtype), layout)).encode()))
+    p = shape[4]
+    x = make(shape, dtype, layout, gen)
+    got, dx, args = run_resize(x, p, gen)
+    B, C, H, W, _ = shape
+    K = (-(-H // p)) * (-(-W // p))
+    for a, want in zip(got, ref_stats_resize(x, p)):
+        assert a.dtype == torch.float64 and a.shape == want.shape
+        assert rel(a, want) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert got[2].shape == (K,)
+    want = ref_dx_resize(x, *args)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    if layout == "cl":
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert dx.is_contiguous()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel(dx, want) <= tol
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 14, 13, 4), (2, 16, 7, 7, 4)])
+def test_resize_layouts_and_batch_position_agree(shape):
+    """Planes are the units in both layouts: NCHW and channels_last give the same statistics bit for
+    bit, and a sample's dx does not depend on where it sits in the batch (the --segment contract)."""
+    gen = torch.Generator().manual_seed(3)
+    p = shape[4]
+    x = make(shape, torch.float32, "nchw", gen, mean=2.0)
+    got, dx, args = run_resize(x, p, gen)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, _C.stat_match_forward(xc, p)):
+        assert torch.equal(a, b)
+    assert torch.equal(_C.stat_match_backward(xc, *args), dx)
+    seg = _C.stat_match_backward(x[1:2].clone(), *args)  # same vectors and global counts
+    assert torch.equal(seg, dx[1:2])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(2, 8, 7, 7, 4), (3, 5, 14, 13, 4)])
+def test_resize_large_mean(shape, layout):
+    gen = torch.Generator().manual_seed(11)
+    p = shape[4]
+    x = make(shape, torch.float32, layout, gen, mean=1000.0, spread=1e-2)
+    got, dx, args = run_resize(x, p, gen)
+    for a, want in zip(got, ref_stats_resize(x, p)):
+        assert rel(a, want) <= 1e-5
+    assert rel(dx, ref_dx_resize(x, *args)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_resize_nan_reaches_the_patches_its_taps_feed(layout):
+    x = torch.randn(2, 4, 7, 7)
+    x[1, 2, 1, 5] = float("nan")
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cmean, cm2, pmean, pm2 = _C.stat_match_forward(x, 4)
+    want = ref_stats_resize(x, 4)  # F.interpolate: NaN in every x' pixel with a tap on it
+    assert torch.isnan(cmean[2]) and torch.isnan(cm2[2]) and torch.isfinite(cmean[[0, 1, 3]]).all()
+    assert torch.equal(torch.isnan(pmean), torch.isnan(want[2])) and torch.equal(torch.isnan(pm2), torch.isnan(want[3]))
+    assert torch.isnan(pmean).any() and not torch.isnan(pmean).all()
+    ok = torch.isfinite(want[2])
+    assert rel(pmean[ok], want[2][ok]) <= 1e-5 and rel(pm2[ok], want[3][ok]) <= 1e-5
+    dx = _C.stat_match_backward(x, cmean, torch.ones(4), torch.ones(4), pmean, torch.ones(4), torch.ones(4), 4, 98.0, 128.0)
+    assert dx.shape == x.shape
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_resize_deterministic_across_thread_counts(layout):
+    x = torch.randn(8, 32, 14, 13) + 3.0
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    K = 16
+    g = [torch.randn(n, dtype=torch.float64) for n in (32, 32, K, K)]
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for nt in (1, 2, 3, 1):
+            torch.set_num_threads(nt)
+            f = _C.stat_match_forward(x, 4)
+            runs.append(list(f) + [_C.stat_match_backward(x, f[0], g[0], g[1], f[2], g[2], g[3], 4, 1e3, 1e3)])
+    finally:
+        torch.set_num_threads(old)
+    for other in runs[1:]:
+        for u, v in zip(runs[0], other):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 16, 14, 14, 4), (2, 5, 7, 7, 4), (2, 3, 12, 10, 8)])
+def test_resize_baseline_isa_matches(shape, dtype, layout, monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    p = shape[4]
+    x = make(shape, dtype, layout, gen, mean=5.0)
+    got, dx_auto, args = run_resize(x, p, gen)
+    monkeypatch.setenv("DDFAST_STAT_MATCH_ISA", "base")
+    base = _C.stat_match_forward(x, p)
+    dx_base = _C.stat_match_backward(x, *args)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    for a, b, want in zip(got, base, ref_stats_resize(x, p)):
+        assert rel(a, want) <= max(tol, 1e-5) and rel(b, want) <= max(tol, 1e-5)
+    want = ref_dx_resize(x, *args)
+    assert rel(dx_auto, want) <= tol and rel(dx_base, want) <= tol

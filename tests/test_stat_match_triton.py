@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddfast.kernels import stat_match as sm
 from ddfast.testing import AotRequest, PtxasReport, aot_compile_many
@@ -17,32 +18,48 @@ from ddfast.testing import AotRequest, PtxasReport, aot_compile_many
 # ---------------------------------------------------------------------------------------------
 
 
+def _resized_size(size: int, p: int) -> int:
+    return -(-size // p) * p
+
+
+def ref_resize(xd: torch.Tensor, p: int) -> torch.Tensor:
+    """x' of the kernels: F.interpolate's bilinear resize to the next patch multiple (x if none)."""
+    H, W = xd.shape[-2:]
+    size = (_resized_size(H, p), _resized_size(W, p))
+    return xd if size == (H, W) else F.interpolate(xd, size=size, mode="bilinear", align_corners=False)
+
+
 def ref_stats(x: torch.Tensor, p: int):
-    """(cmean, cM2, pmean, pM2) of x in float64 (x already holds the values the kernel sees)."""
+    """(cmean, cM2, pmean, pM2) in float64: channel pair of x (as the kernel sees it), patch pair of x'."""
     xd = x.detach().to(torch.float64)
-    B, C, H, W = xd.shape
     cmean = xd.mean(dim=(0, 2, 3))
     cm2 = ((xd - cmean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
     if p == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return cmean, cm2, empty, empty
-    t = xd.reshape(B, C, H // p, p, W // p, p).permute(2, 4, 0, 1, 3, 5).reshape((H // p) * (W // p), -1)
+    xr = ref_resize(xd, p)
+    B, C, H, W = xr.shape
+    t = xr.reshape(B, C, H // p, p, W // p, p).permute(2, 4, 0, 1, 3, 5).reshape((H // p) * (W // p), -1)
     pmean = t.mean(dim=1)
     pm2 = ((t - pmean[:, None]) ** 2).sum(dim=1)
     return cmean, cm2, pmean, pm2
 
 
 def ref_backward(x, cmean, g_cmean, g_cvar, pmean, g_pmean, g_pvar, p, count_c, count_p):
-    """dx of DESIGN §4 K1 in float64 from the same (float32) inputs the kernel gets."""
-    xd = x.detach().to(torch.float64)
-    B, C, H, W = xd.shape
+    """dx of DESIGN §4 K1 in float64 from the same (float32) inputs the kernel gets; the resize's
+    adjoint is F.interpolate's autograd."""
+    xd = x.detach().to(torch.float64).requires_grad_(p > 0)
     v = lambda t: t.to(torch.float64)[None, :, None, None]  # noqa: E731
-    dx = v(g_cmean) / count_c + v(g_cvar) * 2 * (xd - v(cmean)) / count_c
+    dx = v(g_cmean) / count_c + v(g_cvar) * 2 * (xd.detach() - v(cmean)) / count_c
     if p > 0:
-        def per_pixel(t):  # [K] -> [1, 1, H, W]
+        xr = ref_resize(xd, p)
+        H, W = xr.shape[-2:]
+
+        def per_pixel(t):  # [K] -> [1, 1, H', W']
             t = t.to(torch.float64).reshape(H // p, W // p)
             return t.repeat_interleave(p, 0).repeat_interleave(p, 1)[None, None]
-        dx = dx + per_pixel(g_pmean) / count_p + per_pixel(g_pvar) * 2 * (xd - per_pixel(pmean)) / count_p
+        g = per_pixel(g_pmean) / count_p + per_pixel(g_pvar) * 2 * (xr.detach() - per_pixel(pmean)) / count_p
+        dx = dx + (g if xr is xd else torch.autograd.grad(xr, xd, g)[0])
     return dx
 
 
@@ -185,14 +202,120 @@ def test_forward_chan_merge_of_segments():
 
 
 def test_forward_rejects_bad_input():
-    with pytest.raises(ValueError, match="multiples"):
-        sm.stat_match_forward(torch.zeros(1, 1, 6, 8), 4)
     with pytest.raises(TypeError):
         sm.stat_match_forward(torch.zeros(1, 1, 4, 4, dtype=torch.float64), 4)
     with pytest.raises(ValueError):
         sm.stat_match_forward(torch.zeros(1, 4, 4), 0)
     cmean, cm2, pmean, pm2 = sm.stat_match_forward(torch.zeros(0, 2, 4, 4), 4)
     assert cmean.shape == (2,) and pmean.shape == (1,) and cm2.eq(0).all()
+    cmean, cm2, pmean, pm2 = sm.stat_match_forward(torch.zeros(0, 2, 6, 4), 4)  # resized to 8 × 4
+    assert pmean.shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bilinear resize to the next patch multiple (interpreter)
+# ---------------------------------------------------------------------------------------------
+
+RESIZE_CASES = [
+    ((1, 1, 7, 7), 4),  # -> 8 × 8
+    ((2, 3, 7, 7), 4),
+    ((2, 3, 14, 13), 4),  # -> 16 × 16, H != W
+    ((1, 3, 5, 9), 4),  # -> 8 × 12
+    ((1, 3, 1, 3), 4),  # one source row and three columns -> 4 × 4
+    ((2, 2, 6, 8), 4),  # only H resized (W maps by identity)
+    ((1, 2, 14, 14), 16),  # one patch of 16 × 16
+    ((2, 2, 8, 7), 3),  # p² = 9 padded to 16 -> 9 × 9
+]
+_RESIZE_IDS = [f"{'x'.join(map(str, s))}-p{p}" for s, p in RESIZE_CASES]
+
+
+@pytest.mark.parametrize("shape,p", RESIZE_CASES, ids=_RESIZE_IDS)
+def test_resize_forward_fp32(shape, p):
+    check_stats(_randn(shape, seed=sum(shape) + p, mean=0.5), p)
+
+
+@pytest.mark.parametrize("shape,p", RESIZE_CASES, ids=_RESIZE_IDS)
+def test_resize_backward_fp32(shape, p):
+    check_backward(_randn(shape, seed=sum(shape) + p, mean=0.3), p, seed=p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resize_half_inputs(dtype):
+    x = _randn((2, 3, 7, 7), dtype=dtype, seed=21, mean=1.0)
+    check_stats(x, 4)
+    check_backward(x, 4)
+
+
+def test_resize_layouts():
+    x = _randn((2, 4, 7, 7), seed=22).to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    check_stats(x, 4)
+    check_backward(x, 4)
+    base = _randn((2, 6, 13, 10), seed=23, mean=-2.0)
+    for view in (base[:, ::2], base.transpose(2, 3)[:, 1:4, :, 2:9]):  # channel slice; transpose + crop
+        check_stats(view, 4)
+        check_backward(view, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resize_large_mean(dtype):
+    from ddfast.testing import rel_error
+
+    x = _randn((2, 3, 7, 7), seed=24, mean=1000.0, std=1e-2)
+    if dtype is torch.bfloat16:
+        x = _randn((2, 3, 7, 7), seed=24, mean=1000.0, std=2.0).to(dtype)
+    cmean, cm2, pmean, pm2 = sm.stat_match_forward(x, 4)
+    rc = ref_stats(x, 4)
+    for name, o, r, tol in (("cmean", cmean, rc[0], 1e-7), ("cm2", cm2, rc[1], 1e-5),
+                            ("pmean", pmean, rc[2], 1e-7), ("pm2", pm2, rc[3], 1e-5)):
+        assert rel_error(o, r) < tol, (name, rel_error(o, r))
+    if dtype is torch.float32:
+        check_backward(x, 4, rtol=1e-5)
+
+
+def test_resize_tiling_and_grouping(monkeypatch):
+    """Several x' patch blocks and dx tiles per plane, batch groups with a partial last group and
+    several stage-2 row chunks: the paths the small shapes above do not reach."""
+    monkeypatch.setattr(sm, "TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(sm, "MAX_GROUP", 2)
+    monkeypatch.setattr(sm, "RESIZE_TILE", 16)
+    monkeypatch.setattr(sm, "MERGE_BLOCK_R", 2)
+    assert sm.resize_blocks(10, 9, 4) == (8, 2, 8)  # 2 × 5 dx tiles, 8 x' columns per tile
+    x = _randn((3, 1, 10, 9), seed=25, mean=3.0)
+    check_stats(x, 4)  # -> 12 × 12: one patch per block
+    check_stats(x, 8)  # -> 16 × 16: BLOCK_J = 16 < p² = 64, 4 chunks
+    check_backward(x, 4)
+
+
+def _taps_of(size: int, p: int, src: int) -> set[int]:
+    """x' indices whose bilinear taps give source index src a nonzero weight."""
+    from ddfast.reference.stat_match import bilinear_matrix
+
+    return set(bilinear_matrix(size, _resized_size(size, p))[:, src].nonzero().flatten().tolist())
+
+
+def test_resize_nan_propagates():
+    """A NaN reaches its channel and exactly the patches of x' pixels that take it with a nonzero
+    weight; dx is NaN at the pixel and finite on the other planes."""
+    x = _randn((2, 3, 7, 7), seed=26)
+    x[1, 2, 5, 6] = float("nan")
+    cmean, cm2, pmean, pm2 = sm.stat_match_forward(x, 4)
+    nan_k = sorted({(r // 4) * 2 + q // 4 for r in _taps_of(7, 4, 5) for q in _taps_of(7, 4, 6)})
+    assert nan_k == [3]
+    assert cmean.isnan().tolist() == [False, False, True] and cm2.isnan().tolist() == [False, False, True]
+    assert pmean.isnan().nonzero().flatten().tolist() == nan_k == pm2.isnan().nonzero().flatten().tolist()
+    rc = ref_stats(x.nan_to_num(0.0), 4)  # the statistics without the NaN pixel do not depend on it
+    _assert_close(cm2[:2], rc[1][:2], 1e-5, 1e-5, "cm2")
+    _assert_close(pmean[:3], rc[2][:3], 1e-6, 1e-5, "pmean")
+    _assert_close(pm2[:3], rc[3][:3], 1e-5, 1e-5, "pm2")
+
+    ref = ref_stats(x.nan_to_num(0.0), 4)
+    ones3, ones4 = torch.ones(3), torch.ones(4)
+    args = (ref[0].float(), ones3, ones3, ref[2].float(), ones4, ones4, 4, 98.0, 96.0)
+    dx = sm.stat_match_backward(x, *args)
+    assert dx[1, 2, 5, 6].isnan() and not dx[:, :2].isnan().any() and not dx[0].isnan().any()
+    expected = ref_backward(x.nan_to_num(0.0), *args)
+    _assert_close(dx[:, :2], expected[:, :2], 1e-6, 1e-5, "dx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +325,7 @@ def test_forward_rejects_bad_input():
 
 def check_backward(x: torch.Tensor, p: int, seed: int = 0, rtol: float = 1e-5, none_grads=False) -> None:
     B, C, H, W = x.shape
-    K = (H // p) * (W // p) if p else 0
+    K = (_resized_size(H, p) // p) * (_resized_size(W, p) // p) if p else 0
     g = torch.Generator().manual_seed(seed)
     ref = ref_stats(x, p)
     cmean, pmean = ref[0].float(), ref[2].float()
@@ -263,6 +386,8 @@ def test_backward_nan_propagates():
 # shapes the launchers see in practice: (B, C, H, W, p)
 AOT_SHAPES = [(100, 128, 32, 32, 4), (40, 64, 56, 56, 4), (8, 512, 112, 112, 16),
               (100, 128, 32, 32, 0), (40, 64, 56, 56, 0), (8, 512, 112, 112, 0)]
+# resize shapes (H, W, p): x' = 8 × 8, 16 × 16, 32 × 32, 64 × 64, 16 × 16 from 1 × 3 (p > H)
+AOT_RESIZE_SHAPES = [(7, 7, 4), (14, 14, 4), (28, 28, 4), (56, 56, 16), (1, 3, 16)]
 AOT_ARCHS = (80, 90)
 AOT_XTYPES = ("*fp32", "*bf16")
 _I = "i32"
@@ -307,6 +432,22 @@ def aot_configs() -> dict[str, tuple[str, dict, dict]]:
                              rows_p=_I, K=_I, part_p_plane=_I, KW=_I, patch_stride_h=_I, patch_stride_w=_I,
                              HAS_PATCH="constexpr", BLOCK_R="constexpr", BLOCK_N="constexpr")
             configs[f"_stat_merge_kernel[{xt[1:]},patch={p > 0}]"] = ("_stat_merge_kernel", merge_sig, merge_ce)
+        for H, W, p in AOT_RESIZE_SHAPES:
+            K = (sm.resized_size(H, p) // p) * (sm.resized_size(W, p) // p)
+            bk, bj = sm.patch_blocks(p, K, sm.RESIZE_TILE)
+            fwd_sig = dict(x_ptr=xt, part_c_ptr="*fp32", part_p_ptr="*fp32", B=_I, C=_I, H=_I, W=_I, HR=_I, WR=_I,
+                           K=_I, KW=_I, QH=_I, QW=_I, G=_I, stride_b=_I, stride_c=_I, stride_h=_I, stride_w=_I,
+                           part_c_plane=_I, part_p_plane=_I, P="constexpr", BLOCK_K="constexpr", BLOCK_J="constexpr")
+            configs[f"_stat_fwd_resize_kernel[{xt[1:]},P{p}_K{bk}_J{bj}]"] = (
+                "_stat_fwd_resize_kernel", fwd_sig, {"P": p, "BLOCK_K": bk, "BLOCK_J": bj})
+            bh, bw, bj = sm.resize_blocks(H, W, p)
+            bwd_sig = dict(x_ptr=xt, dx_ptr=xt, cmean_ptr="*fp32", g_cmean_ptr="*fp32", g_cvar_ptr="*fp32",
+                           pmean_ptr="*fp32", g_pmean_ptr="*fp32", g_pvar_ptr="*fp32", C=_I, H=_I, W=_I, HR=_I,
+                           WR=_I, KW=_I, sx_b=_I, sx_c=_I, sx_h=_I, sx_w=_I, sd_b=_I, sd_c=_I, sd_h=_I, sd_w=_I,
+                           inv_count_c="fp32", inv_count_p="fp32", P="constexpr", BLOCK_H="constexpr",
+                           BLOCK_W="constexpr", BLOCK_J="constexpr")
+            configs[f"_stat_bwd_resize_kernel[{xt[1:]},P{p}_H{bh}_W{bw}_J{bj}]"] = (
+                "_stat_bwd_resize_kernel", bwd_sig, {"P": p, "BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_J": bj})
     return configs
 
 

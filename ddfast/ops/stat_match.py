@@ -39,18 +39,9 @@ class Moments(NamedTuple):
 # ----------------------------------------------------------------------------- backends
 
 
-def _resize_matrices(x: Tensor, patch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    h, w = x.shape[-2:]
-    return (ref.bilinear_matrix(h, ref.patch_multiple(h, patch), dtype).to(x.device),
-            ref.bilinear_matrix(w, ref.patch_multiple(w, patch), dtype).to(x.device))
-
-
 def _resized(xf: Tensor, patch: int) -> Tensor:
-    """x' = R_h · x · R_wᵀ, the official bilinear resize to a multiple of the patch (x itself if none is needed)."""
-    if xf.shape[2] % patch == 0 and xf.shape[3] % patch == 0:
-        return xf
-    rh, rw = _resize_matrices(xf, patch, xf.dtype)
-    return torch.einsum("Hh,bchw,Ww->bcHW", rh, xf, rw)
+    """x' = the official bilinear resize of x to a multiple of the patch (x itself if none is needed)."""
+    return ref.resize_to_patch_multiple(xf, patch)
 
 
 def _reference_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -83,9 +74,8 @@ def _reference_backward(
         xr = _resized(xf, patch)
         pix = lambda v: _pixel_map(v.to(xf.dtype), xr, patch)  # noqa: E731
         dxr = pix(g_pmean) / count_p + pix(g_pvar) * 2 * (xr - pix(pmean)) / count_p
-        if xr is not xf:  # the resize's adjoint: dx += R_hᵀ · dx' · R_w
-            rh, rw = _resize_matrices(xf, patch, xf.dtype)
-            dxr = torch.einsum("Hh,bcHW,Ww->bchw", rh, dxr, rw)
+        if xr is not xf:  # the resize's adjoint Rᵀ (F.interpolate's backward): dx += R_hᵀ · dx' · R_w
+            dxr = torch.ops.aten.upsample_bilinear2d_backward(dxr.contiguous(), list(xr.shape[-2:]), list(xf.shape), False, None, None)
         dx = dx + dxr
     return dx.to(x.dtype)
 
