@@ -148,14 +148,16 @@ def test_moments_trace_under_torch_compile():
     assert rel_error(value, expected) < 1e-5 and rel_error(dx, x64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(8, 32, 32, 32), (32, 64, 14, 14), (100, 128, 7, 7)], ids=str)  # >= 1 MiB: dx from the cache
 @pytest.mark.parametrize("cache_mb", [0, 256])
-def test_fused_path_allocates_nothing_activation_sized_but_dx(cache_mb):
+def test_fused_path_allocates_nothing_activation_sized_but_dx(cache_mb, shape):
+    # 14 and 7 px need the resize to 16 / 8: its values must stay inside the kernels
     from torch.profiler import ProfilerActivity, profile
 
     limit, _ = cpu_buffer_cache_mb()
     set_cpu_buffer_cache(cache_mb)
     try:
-        x = torch.randn(8, 32, 32, 32, requires_grad=True)
+        x = torch.randn(*shape, requires_grad=True)
         nbytes = x.numel() * x.element_size()
         with use_backend("cpu"), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             stats = moments(x, 4)
