@@ -34,6 +34,21 @@ def _config(*extra: str) -> gvbsm.Config:
     return gvbsm.resolve_config(args, CLASSES)
 
 
+class _NoMatching:
+    """The matcher interface doing nothing: times the bare network inside the same recover loop."""
+
+    mode = "full"
+
+    def reset(self) -> None:
+        pass
+
+    def draw(self, generator: torch.Generator | None = None) -> list[str]:
+        return []
+
+    def loss(self) -> torch.Tensor:
+        return torch.zeros(())
+
+
 def _pool(config: gvbsm.Config, match: bool = True) -> list[gvbsm.Backbone]:
     torch.manual_seed(0)
     pool = []
@@ -45,7 +60,7 @@ def _pool(config: gvbsm.Config, match: bool = True) -> list[gvbsm.Backbone]:
         else:  # the bare network: no matcher, no hooks
             for p in model.parameters():
                 p.requires_grad_(False)
-            pool.append(gvbsm.Backbone(name, model, None, [], []))
+            pool.append(gvbsm.Backbone(name, model, _NoMatching()))
     return pool
 
 
