@@ -39,11 +39,6 @@ class Moments(NamedTuple):
 # ----------------------------------------------------------------------------- backends
 
 
-def _resized(xf: Tensor, patch: int) -> Tensor:
-    """x' = the official bilinear resize of x to a multiple of the patch (x itself if none is needed)."""
-    return ref.resize_to_patch_multiple(xf, patch)
-
-
 def _reference_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xf = x.to(ref.compute_dtype(x))
     cm = xf.mean(dim=(0, 2, 3))
@@ -51,7 +46,7 @@ def _reference_forward(x: Tensor, patch: int) -> tuple[Tensor, Tensor, Tensor, T
     if not patch:
         empty = xf.new_empty(0)
         return cm, cm2, empty, empty.clone()
-    rows = ref.patch_view(_resized(xf, patch), patch)
+    rows = ref.patch_view(ref.resize_to_patch_multiple(xf, patch), patch)
     pm = rows.mean(dim=1)
     return cm, cm2, pm, (rows - pm[:, None]).square().sum(dim=1)
 
@@ -71,7 +66,7 @@ def _reference_backward(
     col = lambda v: v.to(xf.dtype).view(1, -1, 1, 1)  # noqa: E731
     dx = col(g_cmean) / count_c + col(g_cvar) * 2 * (xf - col(cmean)) / count_c
     if patch:
-        xr = _resized(xf, patch)
+        xr = ref.resize_to_patch_multiple(xf, patch)
         pix = lambda v: _pixel_map(v.to(xf.dtype), xr, patch)  # noqa: E731
         dxr = pix(g_pmean) / count_p + pix(g_pvar) * 2 * (xr - pix(pmean)) / count_p
         if xr is not xf:  # the resize's adjoint Rᵀ (F.interpolate's backward): dx += R_hᵀ · dx' · R_w
