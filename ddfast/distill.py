@@ -21,7 +21,7 @@ from ddfast import __version__, backend, data, io
 from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.utils import atomic_write_text, seed_everything
 
-METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm"}
+METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm"}
 
 
 def _method(name: str) -> Any:
@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
     add_protocol_arguments(evaluation, prefix="eval-")
+    shared = parser.add_argument_group("options shared by several methods (their meaning per method)")
+    shared.add_argument("--preset", choices=("default", "paper"), default="default",
+                        help="default: sized for 2 CPU cores (gvbsm/sre2l: widths 4-32, teachers 1 epoch on 20000 images, 500 "
+                        "iterations, ~7 min for IPC 10; apm: see the README's APM presets); paper: the paper's pool, widths and "
+                        "schedules (hours to days on a CPU)")
+    shared.add_argument("--iterations", type=int, default=None,
+                        help="gvbsm/sre2l: recover iterations per batch; apm: rounds R of image updates (default from --preset)")
+    shared.add_argument("--teacher-epochs", type=int, default=None, help="epochs to train each teacher/backbone (default from --preset; cached)")
+    shared.add_argument("--teacher-images", type=int, default=None,
+                        help="train each teacher/backbone on a fixed random subset of this many training images, 0 = all "
+                        "(default from --preset: 20000 for default, all for paper)")
+    shared.add_argument("--alpha", type=float, default=None,
+                        help="gvbsm/sre2l: EMA factor of the SDS matching (gvbsm 0.8, sre2l 0); apm: weight α of the teacher CE term (0.1)")
     for module in dict.fromkeys(METHODS.values()):  # gvbsm and sre2l share one module and its options
         names = "/".join(n for n, m in METHODS.items() if m == module)
         importlib.import_module(module).add_arguments(parser.add_argument_group(f"--method {names}"))
@@ -85,6 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if result.teachers:
         meta["teachers"] = result.teachers
+    if result.label_mode:
+        meta["label_mode"] = result.label_mode
     io.save(out / "distilled.pt", result.images, result.labels, result.soft_labels, meta)
     io.save_grid(out / "grid.png", result.images, result.labels, dataset.mean, dataset.std, dataset.num_classes)
     if result.baseline is not None:
@@ -105,22 +120,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if report["peak_mem_mb"] is None:
         report["peak_mem_mb"] = report["process_peak_rss_mb"]
     if not args.no_eval:
-        protocol = protocol_kwargs(args, "eval-", result.soft_labels is not None)
+        protocol = protocol_kwargs(args, "eval-", result.label_mode or ("soft" if result.soft_labels is not None else "hard"))
         fkd = protocol["recipe"] == "fkd" and protocol["label_mode"] == "soft"
+        # Relabel and logit-L1 protocols also report the same images under hard labels (the DC rows).
+        with_hard = fkd or protocol["label_mode"] == "l1"
         evaluation = evaluate_synset(result.images, result.labels, dataset, soft_labels=result.soft_labels, seed=args.seed,
                                      teachers=result.teachers, **protocol)
         report.update(evaluation)
         rows = [{"method": args.method, "ipc": args.ipc, **evaluation,
                  "seconds_per_iteration": report["seconds_per_iteration"], "peak_mem_mb": report["peak_mem_mb"]}]
-        if fkd:  # the hard-label DC accuracy of the same images beside the relabel number
-            report["hard_labels"] = evaluate_synset(result.images, result.labels, dataset, seed=args.seed,
-                                                    **{**protocol, "label_mode": "hard", "lr": None, "batch_size": None})
+        hard_protocol = {**protocol, "label_mode": "hard", "lr": None, "batch_size": None, "schedule": None}
+        if with_hard:  # the hard-label DC accuracy of the same images beside the soft-label number
+            report["hard_labels"] = evaluate_synset(result.images, result.labels, dataset, seed=args.seed, **hard_protocol)
             rows.append({"method": args.method, "ipc": args.ipc, **report["hard_labels"]})
         if result.baseline is not None and not args.no_baseline:
             base = result.baseline
             report["baseline"] = evaluate_synset(base.images, base.labels, dataset, soft_labels=base.soft_labels, seed=args.seed,
                                                  teachers=base.teachers, random_subsets=fkd, **protocol)
             rows.append({"method": "random (same teachers)", "ipc": args.ipc, **report["baseline"]})
+            if with_hard and not fkd:  # fkd's baseline draws fresh subsets; the DC row of one subset adds little there
+                report["baseline_hard_labels"] = evaluate_synset(base.images, base.labels, dataset, seed=args.seed, **hard_protocol)
+                rows.append({"method": "random", "ipc": args.ipc, **report["baseline_hard_labels"]})
         print(format_table(rows))
         print("accuracies: " + ", ".join(f"{a:.2f}" for a in evaluation["accs"]))
     atomic_write_text(json.dumps(report, indent=2), out / "report.json")

@@ -4,6 +4,8 @@
 (ConvNet-D3, SGD lr 0.01 momentum 0.9 wd 5e-4, batch 256, lr ×0.1 after epoch E/2+1, E = 300)
 with DSA augmentation; ``--labels soft`` (``--recipe static``) trains on the stored teacher logits
 with MSE + γ·CE (γ = 0.15, G-VBSM) or, with ``--soft-loss kl``, KL at a temperature.
+``--labels l1`` is APM's protocol: L1 to the stored logits, SGD lr 0.02, torch's MultiStepLR (×0.1 from
+epoch E/2+1 on, momentum kept), E+1 passes, DSA.
 ``--recipe fkd`` is the relabel recipe of the G-VBSM/SRe2L papers (``ddfast.fkd``): the teacher
 pool the file names relabels every augmented, cut-mixed batch; AdamW 1e-3, cosine, batch 100.
 ``--random-subsets`` evaluates a fresh class-balanced random real subset of the file's IPC per run
@@ -26,10 +28,10 @@ from ddfast.methods.random import select as class_balanced_subset
 from ddfast.train import TrainConfig, accuracy, fit, load_teacher_pool
 from ddfast.utils import atomic_write_text, seed_everything
 
-LABEL_MODES = ("hard", "soft")
+LABEL_MODES = ("hard", "soft", "l1")
 RECIPES = ("static", "fkd")
 # Recipe defaults of the options whose meaning is shared: (learning rate, batch size)
-RECIPE_DEFAULTS = {"static": (0.01, 256), "fkd": (1e-3, 100)}
+RECIPE_DEFAULTS = {"static": (0.01, 256), "fkd": (1e-3, 100), "l1": (0.02, 256)}
 SOFT_LOSSES = ("mse_ce", "kl")
 
 
@@ -48,7 +50,7 @@ def evaluate_synset(
     gamma: float = 0.15,
     temperature: float = 4.0,
     lr: float | None = None,
-    schedule: str = "step",
+    schedule: str | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     first_run: int = 0,
@@ -68,7 +70,8 @@ def evaluate_synset(
     real subset of the same IPC per run."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    defaults = RECIPE_DEFAULTS[recipe if label_mode == "soft" else "static"]
+    defaults = RECIPE_DEFAULTS["l1" if label_mode == "l1" else recipe if label_mode == "soft" else "static"]
+    schedule = schedule or ("multistep" if label_mode == "l1" else "step")
     lr = defaults[0] if lr is None else lr
     batch_size = defaults[1] if batch_size is None else batch_size
     if label_mode not in LABEL_MODES:
@@ -94,8 +97,8 @@ def evaluate_synset(
         config = fkd.FKDConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma)
         return fkd.evaluate_fkd(source, labels, dataset, pool, key, config, model=model, width=width, runs=runs,
                                 seed=seed, first_run=first_run, label_cache=label_cache)
-    if label_mode == "soft" and soft_labels is None:
-        raise ValueError("--labels soft needs a distilled set with soft labels (this one has none)")
+    if label_mode in ("soft", "l1") and soft_labels is None:
+        raise ValueError(f"--labels {label_mode} needs a distilled set with soft labels (this one has none)")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     if first_run < 0:
@@ -111,13 +114,13 @@ def evaluate_synset(
         lr=lr,
         schedule=schedule,
         augment="dsa" if dsa else "none",
-        loss="ce" if label_mode == "hard" else soft_loss,
+        loss={"hard": "ce", "l1": "l1"}.get(label_mode, soft_loss),
         gamma=gamma,
         temperature=temperature,
     )
     test_images = dataset.normalize(dataset.test_images)
     images = images.float()
-    soft = soft_labels.float() if (soft_labels is not None and label_mode == "soft") else None
+    soft = soft_labels.float() if (soft_labels is not None and label_mode != "hard") else None
     accs, start = [], time.time()
     for run in range(first_run, first_run + runs):
         run_seed = seed * 1000 + run
@@ -126,7 +129,7 @@ def evaluate_synset(
         fit(net, images, labels, config, soft_labels=soft, generator=torch.Generator().manual_seed(run_seed), desc=f"eval run {run + 1 - first_run}/{runs}")
         accs.append(accuracy(net, test_images, dataset.test_labels))
     protocol = {
-        "recipe": "static" if label_mode == "soft" else "dc",
+        "recipe": {"soft": "static", "l1": "apm-l1"}.get(label_mode, "dc"),
         "model": model,
         "width": width,
         "epochs": epochs,
@@ -153,7 +156,7 @@ def protocol_summary(protocol: dict[str, Any]) -> str:
     if protocol.get("recipe") == "fkd":
         subsets = ", fresh random subset per run" if protocol.get("random_subset_per_run") else ""
         return f"{protocol['model']}, {protocol['epochs']} ep, fkd relabel (RRC+flip+CutMix, MSE+{protocol['gamma']:g}CE){subsets}, {protocol['runs']} runs"
-    labels = protocol["labels"] if protocol["labels"] == "hard" else f"soft/{protocol['soft_loss']}"
+    labels = {"hard": "hard", "l1": "logits/L1"}.get(protocol["labels"]) or f"soft/{protocol['soft_loss']}"
     return f"{protocol['model']}, {protocol['epochs']} ep, {'DSA' if protocol['dsa'] else 'no aug'}, {labels} labels, {protocol['runs']} runs"
 
 
@@ -181,11 +184,15 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, prefix: str = "") ->
     parser.add_argument(f"{p}width", type=int, default=None, help="evaluation model width (default: the model's standard width)")
     parser.add_argument(f"{p}epochs", type=int, default=300, help="training epochs per run (default 300)")
     parser.add_argument(f"{p}runs", type=int, default=3, help="fresh models trained and tested (default 3)")
-    parser.add_argument(f"{p}lr", type=float, default=None, help="learning rate (default: 0.01 SGD for hard/static, 1e-3 AdamW for fkd)")
-    parser.add_argument(f"{p}schedule", choices=("step", "cosine"), default="step", help="step: ×0.1 after epoch E/2+1 as in the DC code (default); cosine")
+    parser.add_argument(f"{p}lr", type=float, default=None, help="learning rate (default: 0.01 SGD for hard/static, 0.02 SGD for l1, 1e-3 AdamW for fkd)")
+    parser.add_argument(f"{p}schedule", choices=("step", "multistep", "cosine"), default=None,
+                        help="step: ×0.1 after epoch E/2+1 with a fresh optimiser as in the DC code (default; multistep for --labels l1, "
+                        "torch's MultiStepLR as the APM code); cosine")
     parser.add_argument(f"{p}batch-size", type=int, default=None, help="training batch size (default: 256 for hard/static, 100 for fkd)")
     parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True, help="DSA augmentation while training (default on)")
-    parser.add_argument("--labels", choices=LABEL_MODES, default=None, help="hard: CE on labels (DC protocol); soft: teacher labels by --recipe (default: soft when the file has them)")
+    parser.add_argument("--labels", choices=LABEL_MODES, default=None,
+                        help="hard: CE on labels (DC protocol); soft: teacher labels by --recipe; l1: L1 to the stored teacher logits "
+                        "(APM's protocol) (default: the file's own mode (l1 for apm), soft when the file has soft labels, else hard)")
     parser.add_argument("--recipe", choices=RECIPES, default="static",
                         help="soft-label recipe: static = the stored logits under the DC protocol (default); fkd = the G-VBSM/SRe2L "
                         "relabel recipe (teacher pool on every RandomResizedCrop+flip+CutMix batch, MSE + γ·CE, AdamW, cosine)")
@@ -195,7 +202,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, prefix: str = "") ->
     parser.add_argument("--temperature", type=float, default=4.0, help="temperature of the kl soft-label loss (default 4)")
 
 
-def protocol_kwargs(args: argparse.Namespace, prefix: str, has_soft: bool) -> dict[str, Any]:
+def protocol_kwargs(args: argparse.Namespace, prefix: str, default_labels: str) -> dict[str, Any]:
+    """The evaluation keyword arguments from parsed options; ``default_labels`` is the label mode used
+    when --labels is not given (the file's own: "l1" for APM, "soft" with soft labels, else "hard")."""
     get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
     return {
         "model": get("model"),
@@ -206,7 +215,7 @@ def protocol_kwargs(args: argparse.Namespace, prefix: str, has_soft: bool) -> di
         "schedule": get("schedule"),
         "batch_size": get("batch_size"),
         "dsa": args.dsa,
-        "label_mode": args.labels or ("soft" if has_soft else "hard"),
+        "label_mode": args.labels or default_labels,
         "soft_loss": args.soft_loss,
         "gamma": args.gamma,
         "temperature": args.temperature,
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_synset(
             synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=args.first_run,
             teachers=meta.get("teachers"), random_subsets=args.random_subsets,
-            **protocol_kwargs(args, "", synset["soft_labels"] is not None or (args.recipe == "fkd" and bool(meta.get("teachers")))),
+            **protocol_kwargs(args, "", meta.get("label_mode") or (
+                "soft" if synset["soft_labels"] is not None or (args.recipe == "fkd" and bool(meta.get("teachers"))) else "hard")),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

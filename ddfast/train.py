@@ -24,15 +24,17 @@ from ddfast import augment, data, models
 from ddfast.utils import atomic_torch_save, cache_dir, progress, seed_everything
 
 AUGMENTATIONS = ("none", "dsa", "crop_flip")
-LOSSES = ("ce", "mse_ce", "kl")
-SCHEDULES = ("step", "cosine")
+LOSSES = ("ce", "mse_ce", "kl", "l1")
+SCHEDULES = ("step", "multistep", "cosine")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Optimisation recipe. The defaults are the DC evaluation protocol (SGD 0.01, momentum 0.9,
     wd 5e-4, batch 256, lr ×0.1 after epoch E/2+1 with a fresh optimiser, E+1 passes, as in the
-    DatasetCondensation code)."""
+    DatasetCondensation code). ``multistep`` is torch's MultiStepLR as the APM code uses it: ×0.1 from
+    epoch index ``milestone`` (default E//2+1) on, momentum kept; ``extra_pass`` (step/multistep) runs
+    the E+1-th pass of the DC/APM loops ``for ep in range(Epoch + 1)``."""
 
     epochs: int = 300
     batch_size: int = 256
@@ -44,6 +46,8 @@ class TrainConfig:
     loss: str = "ce"
     gamma: float = 0.15  # weight of the hard-label CE term in the mse_ce soft-label loss (G-VBSM)
     temperature: float = 4.0  # KL soft-label loss temperature
+    milestone: int | None = None  # multistep: first epoch index at ×0.1 (None = E//2+1)
+    extra_pass: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -57,12 +61,15 @@ class TrainConfig:
     @property
     def passes(self) -> int:
         # The DC code loops `for ep in range(Epoch + 1)`; keep that so numbers are comparable.
-        return self.epochs + 1 if self.schedule == "step" else self.epochs
+        return self.epochs + 1 if self.schedule != "cosine" and self.extra_pass else self.epochs
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a (fractional) epoch: the step schedule changes per epoch, cosine per step."""
         if self.schedule == "step":
             return self.lr * (0.1 if int(epoch) > self.epochs // 2 + 1 else 1.0)
+        if self.schedule == "multistep":
+            milestone = self.epochs // 2 + 1 if self.milestone is None else self.milestone
+            return self.lr * (0.1 if int(epoch) >= milestone else 1.0)
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
 
 
@@ -71,6 +78,8 @@ def _loss(config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor, soft:
         return F.cross_entropy(logits, labels)
     if soft is None:
         raise ValueError(f"loss {config.loss!r} needs soft labels")
+    if config.loss == "l1":  # APM: L1 to the stored teacher logits, a mean over batch × classes
+        return F.l1_loss(logits, soft)
     if config.loss == "mse_ce":
         return F.mse_loss(logits, soft) + config.gamma * F.cross_entropy(logits, labels)
     t = config.temperature
@@ -157,11 +166,14 @@ TEACHER_LR, TEACHER_BATCH = 0.1, 128
 
 def teacher_path(
     dataset: str, model: str, width: int | None, epochs: int, seed: int, subset: int = 0,
-    lr: float = TEACHER_LR, batch_size: int = TEACHER_BATCH,
+    lr: float = TEACHER_LR, batch_size: int = TEACHER_BATCH, recipe: str = "",
 ) -> Path:
+    """Cache path of a teacher; ``recipe`` names a training recipe other than this module's (e.g. "apm")."""
     name = f"{model}-w{width or 'default'}-e{epochs}-s{seed}" + (f"-n{subset}" if subset else "")
     if (lr, batch_size) != (TEACHER_LR, TEACHER_BATCH):
         name += f"-lr{lr:g}-b{batch_size}"
+    if recipe:
+        name += f"-{recipe}"
     return cache_dir() / "teachers" / dataset / f"{name}.pt"
 
 

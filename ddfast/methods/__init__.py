@@ -20,3 +20,6 @@ class DistillResult:
     # The teacher pool that labels this set (``ddfast.train.teacher_spec`` dicts): the relabel
     # ("fkd") evaluation recipe rebuilds it from the teacher cache.
     teachers: list[dict[str, Any]] | None = None
+    # The evaluation label mode the method's soft labels are meant for when --labels is not given
+    # (None: "soft"); APM's are logits for an L1 loss ("l1").
+    label_mode: str | None = None

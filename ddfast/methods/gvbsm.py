@@ -55,21 +55,12 @@ PRESETS = {
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="default: CPU-sized pool (widths 4-32), teachers 1 epoch on 20000 images, 500 iterations, "
-                       "statistics over 10000 images (~7 min for IPC 10 on 2 cores); paper: the paper's pool widths, "
-                       "1000 iterations (official argparse default), 5 teacher epochs on all images (hours on a CPU)")
-    group.add_argument("--iterations", type=int, default=None, help="recover iterations per batch (default from --preset)")
+    """gvbsm/sre2l options; --preset, --iterations, --teacher-epochs, --teacher-images and --alpha are shared (ddfast.distill)."""
     group.add_argument("--batch-size", type=int, default=None, help="synthetic images per recover batch (default from --preset)")
     group.add_argument("--backbones", default=None, help="comma-separated backbone pool, name or name:width (default from --preset)")
-    group.add_argument("--teacher-epochs", type=int, default=None, help="epochs to train each backbone (default from --preset; cached)")
-    group.add_argument("--teacher-images", type=int, default=None,
-                       help="train each backbone on a fixed random subset of this many training images, 0 = all "
-                       "(default from --preset: 20000 for default, all for paper)")
     group.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the images (0.05 small datasets, 0.1 ImageNet)")
     group.add_argument("--betas", default="0.5,0.9", help="Adam betas (official: 0.5,0.9)")
     group.add_argument("--jitter", type=int, default=32, help="max torch.roll shift in pixels (32, the official G-VBSM default; SRe2L CIFAR uses 4)")
-    group.add_argument("--alpha", type=float, default=None, help="EMA factor of the SDS matching (gvbsm 0.8, sre2l 0)")
     group.add_argument("--drop-rate", type=float, default=None, help="conv matching drop rate (gvbsm 0.4, sre2l 0)")
     group.add_argument("--r-weight", type=float, default=0.01, help="weight r of the statistic matching loss (0.01)")
     group.add_argument("--first-multiplier", type=float, default=10.0,

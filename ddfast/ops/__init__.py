@@ -3,3 +3,4 @@ from ddfast.ops.stat_match import MomentSums, Moments, moment_sums, moments, sta
 
 __all__ = ["Moments", "MomentSums", "moments", "moment_sums", "stat_grad_surrogate"]
 from ddfast.ops.densify import densify_loss; __all__ += ["densify_loss"]  # noqa: E402,E702  K3
+from ddfast.ops.apm_loss import apm_loss; __all__ += ["apm_loss"]  # noqa: E402,E702  K4
