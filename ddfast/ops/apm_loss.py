@@ -44,6 +44,7 @@ def _forward_impl(z: Tensor, labels: Tensor, inv_batch: float, alpha: float, log
 @torch.library.custom_op("ddfast::apm_loss_forward", mutates_args=())
 def apm_loss_forward(z: Tensor, labels: Tensor, inv_batch: float, alpha: float, log: bool, eps: float, with_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss: 0-dim float32 (float64 for float64 z), dz: dloss/dz in z's dtype, contiguous, or empty without with_grad)."""
+    ref.check_label_range(labels, z.shape[2])
     return _forward_impl(z, labels, inv_batch, alpha, log, eps, with_grad)
 
 

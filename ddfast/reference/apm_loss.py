@@ -32,12 +32,16 @@ def check_inputs(z: Tensor, labels: Tensor, batch_size: float, alpha: float, eps
         raise ValueError(f"apm_loss needs the teacher and at least one checkpoint (K+1 >= 2), got {z.shape[0]}")
     if labels.ndim != 1 or labels.shape[0] != z.shape[1] or labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"labels must be an integer vector of length n = {z.shape[1]}, got {labels.dtype} {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= z.shape[2]):
-        raise ValueError(f"labels must lie in [0, {z.shape[2]}), got [{int(labels.min())}, {int(labels.max())}]")
     if not batch_size > 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     if alpha < 0 or eps < 0:
         raise ValueError(f"alpha and eps must be >= 0, got alpha={alpha}, eps={eps}")
+
+
+def check_label_range(labels: Tensor, num_classes: int) -> None:
+    """Value check (data-dependent, so it runs inside the op, never while tracing)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
 
 
 def apm_loss(z: Tensor, labels: Tensor, batch_size: float | None = None, alpha: float = 0.1, log: bool = False, eps: float = 1e-8) -> Tensor:
