@@ -1,0 +1,202 @@
+"""APM pipeline (--method apm): the fused image update against the official-style one, the exact
+--segment contract, vmapped checkpoints, student schedule, resume after SIGKILL, argument checks and
+the l1 evaluation protocol — on the small synthetic dataset."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddfast import data, models
+from ddfast.backend import use_backend
+from ddfast.distill import build_parser, run
+from ddfast.evaluate import evaluate_synset
+from ddfast.methods import apm
+from ddfast.testing import rel_error
+from ddfast.train import TrainConfig
+
+BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--teachers", "2", "--teacher-epochs", "1",
+        "--net-width", "8", "--student-epochs", "4", "--checkpoints", "2", "--mid-gap", "1", "--no-eval"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DDFAST_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def _run(tmp_path, name, *extra):
+    args = build_parser().parse_args(["--method", "apm", *BASE, "--out", str(tmp_path / name), *extra])
+    report = run(args)
+    return torch.load(tmp_path / name / "distilled.pt", weights_only=True), report
+
+
+def _config(**overrides) -> apm.Config:
+    base = dict(ipc=3, iterations=4, teachers=1, teacher_epochs=1, teacher_images=0, net_width=8, student_epochs=4, checkpoints=3,
+                mid_gap=1, alpha=0.1, distance="l1", eps=1e-8, lr_img=1.0, img_momentum=0.5, lr_net=0.02, batch_syn=30, batch_train=256,
+                segment=0, reference=False, seed=0)
+    return apm.Config(**{**base, **overrides})
+
+
+def _nets(dtype, k=3, width=8, seed=0):
+    torch.manual_seed(seed)
+    make = lambda: models.create("convnet", 1, 10, (16, 16), width=width).to(dtype)  # noqa: E731
+    teacher = apm._frozen(make())
+    states = [{n: p.detach().clone() for n, p in make().named_parameters()} for _ in range(k)]
+    middle = []
+    for state in states:
+        m = make()
+        m.load_state_dict(state, strict=False)
+        middle.append(m)
+    return make(), teacher, states, middle
+
+
+@pytest.mark.parametrize("distance", ["l1", "log"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_update_matches_the_official_style_update(distance, dtype, tol):
+    """vmapped frozen checkpoints + one teacher pass + K4 == the official per-checkpoint loop (distill.py:327-368)."""
+    base, teacher, states, middle = _nets(dtype)
+    cfg = _config(distance=distance)
+    u = torch.randn(30, 1, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(30) % 10
+    idx = torch.arange(30)
+    fused, loss = apm.image_gradient(u, idx, y, teacher, apm.Checkpoints(base, states), cfg)
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    official, loss_ref = apm.image_gradient_reference(u, idx, y, teacher, middle, cfg)
+    assert rel_error(fused, official) < tol
+    assert abs(loss - loss_ref) <= tol * abs(loss_ref)
+
+
+@pytest.mark.parametrize("distance", ["l1", "log"])
+@pytest.mark.parametrize("segment", [1, 7, 29])
+def test_segments_give_the_whole_batch_gradient(segment, distance):
+    base, teacher, states, _ = _nets(torch.float32)
+    u = torch.randn(30, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(30) % 10
+    idx = torch.randperm(30, generator=torch.Generator().manual_seed(3))[:23]  # a subset, unsorted
+    ckpts = apm.Checkpoints(base, states)
+    whole, loss_whole = apm.image_gradient(u, idx, y, teacher, ckpts, _config(distance=distance, batch_syn=23))
+    seg, loss_seg = apm.image_gradient(u, idx, y, teacher, ckpts, _config(distance=distance, batch_syn=23, segment=segment))
+    assert rel_error(seg, whole) < 1e-5
+    assert abs(loss_seg - loss_whole) < 1e-5 * abs(loss_whole)
+    outside = torch.ones(30, dtype=torch.bool)
+    outside[idx] = False
+    assert (whole[outside] == 0).all()  # images outside the batch get no gradient
+
+
+def test_checkpoints_vmap_equals_each_module():
+    base, _, states, middle = _nets(torch.float64, k=4)
+    x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    out = apm.Checkpoints(base, states)(x)
+    assert out.shape == (4, 5, 10)
+    for k, m in enumerate(middle):
+        assert rel_error(out[k], m.eval()(x)) < 1e-12
+    assert all(not p.requires_grad for p in apm.Checkpoints(base, states).params.values())
+
+
+def test_student_schedule_and_checkpoint_epochs():
+    assert _config(student_epochs=250, checkpoints=5).checkpoint_epochs == [50, 100, 150, 200, 250]
+    assert _config(student_epochs=10, checkpoints=3).checkpoint_epochs == [3, 7, 10]
+    cfg = _config(student_epochs=250)
+    assert apm.student_lr(cfg, 125) == pytest.approx(0.02) and apm.student_lr(cfg, 126) == pytest.approx(0.002)
+    # fast and official-style students keep K checkpoints of the same parameters
+    dataset = data.synthetic(image_size=16)
+    images, targets = dataset.normalize(dataset.train_images[:20]), torch.randn(20, 10)
+    for trainer in (apm.train_student, apm.train_student_reference):
+        torch.manual_seed(0)
+        net = models.create("convnet", 1, 10, (16, 16), width=8)
+        states = trainer(net, images, targets, _config(), torch.Generator().manual_seed(0))
+        assert len(states) == 3 and set(states[0]) == {n for n, _ in net.named_parameters()}
+        assert not torch.equal(states[0]["classifier.weight"], states[-1]["classifier.weight"])
+
+
+def test_teacher_recipe_is_the_official_one():
+    cfg = apm.teacher_config(100)
+    assert (cfg.lr, cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.augment) == (0.05, 256, 0.9, 5e-4, "dsa")
+    assert cfg.passes == 100 and cfg.lr_at(49) == pytest.approx(0.05) and cfg.lr_at(50) == pytest.approx(0.005)
+
+
+def test_segment_run_gives_the_whole_batch_images(tmp_path):
+    whole, report = _run(tmp_path, "whole")
+    seg, _ = _run(tmp_path, "seg", "--segment", "3")
+    assert rel_error(seg["images"], whole["images"]) < 1e-5
+    assert torch.equal(seg["labels"], whole["labels"])
+    assert whole["soft_labels"].shape == (20, 10) and whole["meta"]["label_mode"] == "l1"
+    split = report["time_split_seconds"]
+    assert split["student_training"] > 0 and split["image_update"] > 0
+    assert report["seconds_per_iteration"] > 0
+
+
+def test_reference_backend_runs_the_same_method(tmp_path):
+    """Same teacher draws, subsets and image update; the students differ only in their RNG use
+    (DataLoader shuffling), so both runs move the images and keep labels and shapes."""
+    fused, _ = _run(tmp_path, "fused")
+    ref, report = _run(tmp_path, "ref", "--backend", "reference")
+    assert ref["images"].shape == fused["images"].shape and torch.equal(ref["labels"], fused["labels"])
+    assert report["method_config"]["reference"] is True
+    start, _ = apm._init_images(data.synthetic(), _config(ipc=2, batch_syn=20))
+    assert not torch.allclose(ref["images"], start) and not torch.allclose(fused["images"], start)
+
+
+def test_sigkill_resumes_to_the_same_images(tmp_path):
+    extra = ["--iterations", "12"]
+    whole, _ = _run(tmp_path, "uninterrupted", *extra)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "apm", *BASE, *extra, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint" / "apm.pt"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.exists():
+            try:
+                if torch.load(ckpt, weights_only=True)["round"] >= 3:
+                    break
+            except Exception:  # noqa: BLE001 - the file is replaced atomically; a read can race a rename
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = torch.load(ckpt, weights_only=True)["round"]
+    assert 3 <= stopped_at < 12 and not (out / "distilled.pt").exists()
+    resumed, _ = _run(tmp_path, "killed", *extra)
+    assert torch.equal(resumed["images"], whole["images"])
+    assert torch.equal(resumed["soft_labels"], whole["soft_labels"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--checkpoints", "9"], "cannot exceed --student-epochs"),
+        (["--batch-syn", "21"], "--batch-syn must be in"),
+        (["--mid-gap", "-1"], "--mid-gap"),
+        (["--lr-img", "0"], "--lr-img"),
+        (["--teachers", "0"], "--teachers must be >= 1"),
+    ],
+)
+def test_bad_arguments_fail_before_work(tmp_path, extra, message):
+    args = build_parser().parse_args(["--method", "apm", *BASE, "--out", str(tmp_path / "x"), *extra])
+    with pytest.raises(ValueError, match=message):
+        run(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_l1_protocol_trains_on_logits_with_the_apm_schedule():
+    dataset = data.synthetic(image_size=16)
+    images, labels = dataset.normalize(dataset.train_images[:20]), dataset.train_labels[:20]
+    soft = torch.nn.functional.one_hot(labels, 10).float() * 5
+    result = evaluate_synset(images, labels, dataset, soft_labels=soft, width=8, epochs=2, runs=1, label_mode="l1")
+    p = result["protocol"]
+    assert (p["labels"], p["recipe"], p["lr"], p["schedule"], p["passes"]) == ("l1", "apm-l1", 0.02, "multistep", 3)
+    with pytest.raises(ValueError, match="needs a distilled set with soft labels"):
+        evaluate_synset(images, labels, dataset, width=8, epochs=1, runs=1, label_mode="l1")
+    multistep = TrainConfig(epochs=10, lr=1.0, schedule="multistep")
+    assert multistep.lr_at(5) == 1.0 and multistep.lr_at(6) == pytest.approx(0.1)
