@@ -48,8 +48,8 @@ PRESETS = {
     "paper": {"iterations": 2500, "teachers": 100, "teacher_epochs": 100, "teacher_images": 0, "net_width": 128,
               "student_epochs": 250, "mid_gap": 2},
     # default: sized for 2 CPU cores (IPC 10 in about half an hour, teachers included; README "APM presets").
-    "default": {"iterations": 60, "teachers": 2, "teacher_epochs": 2, "teacher_images": 20000, "net_width": 32,
-                "student_epochs": 100, "mid_gap": 2},
+    "default": {"iterations": 300, "teachers": 5, "teacher_epochs": 5, "teacher_images": 20000, "net_width": 32,
+                "student_epochs": 250, "mid_gap": 2},
 }
 
 
