@@ -40,7 +40,7 @@ def _run(tmp_path, name, *extra):
 def _config(**overrides) -> apm.Config:
     base = dict(ipc=3, iterations=4, teachers=1, teacher_epochs=1, teacher_images=0, net_width=8, student_epochs=4, checkpoints=3,
                 mid_gap=1, alpha=0.1, distance="l1", eps=1e-8, lr_img=1.0, img_momentum=0.5, lr_net=0.02, batch_syn=30, batch_train=256,
-                segment=0, reference=False, seed=0)
+                checkpoint_eval="auto", compile=False, segment=0, reference=False, seed=0)
     return apm.Config(**{**base, **overrides})
 
 
@@ -91,14 +91,20 @@ def test_segments_give_the_whole_batch_gradient(segment, distance):
     assert (whole[outside] == 0).all()  # images outside the batch get no gradient
 
 
-def test_checkpoints_vmap_equals_each_module():
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_checkpoints_equal_each_module(mode):
     base, _, states, middle = _nets(torch.float64, k=4)
-    x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
-    out = apm.Checkpoints(base, states)(x)
+    x = torch.randn(5, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    ckpts = apm.Checkpoints(base, states, mode)
+    out = ckpts(x)
     assert out.shape == (4, 5, 10)
     for k, m in enumerate(middle):
         assert rel_error(out[k], m.eval()(x)) < 1e-12
-    assert all(not p.requires_grad for p in apm.Checkpoints(base, states).params.values())
+    assert all(not p.requires_grad for p in ckpts.params.values())
+    assert all(not p.requires_grad for m in ckpts.modules for p in m.parameters())
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(sum(m(x).square().sum() for m in middle), x)
+    assert rel_error(gx, gx_ref) < 1e-12
 
 
 def test_student_schedule_and_checkpoint_epochs():
@@ -109,10 +115,14 @@ def test_student_schedule_and_checkpoint_epochs():
     # fast and official-style students keep K checkpoints of the same parameters
     dataset = data.synthetic(image_size=16)
     images, targets = dataset.normalize(dataset.train_images[:20]), torch.randn(20, 10)
-    for trainer in (apm.train_student, apm.train_student_reference):
-        torch.manual_seed(0)
-        net = models.create("convnet", 1, 10, (16, 16), width=8)
-        states = trainer(net, images, targets, _config(), torch.Generator().manual_seed(0))
+    student = apm.Student(dataset, 8, compile=False)
+    torch.manual_seed(0)
+    student.reinit()
+    fast = apm.train_student(student, images, targets, _config(), torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    net = models.create("convnet", 1, 10, (16, 16), width=8)
+    official = apm.train_student_reference(net, images, targets, _config(), torch.Generator().manual_seed(0))
+    for states in (fast, official):
         assert len(states) == 3 and set(states[0]) == {n for n, _ in net.named_parameters()}
         assert not torch.equal(states[0]["classifier.weight"], states[-1]["classifier.weight"])
 
@@ -125,7 +135,7 @@ def test_teacher_recipe_is_the_official_one():
 
 def test_segment_run_gives_the_whole_batch_images(tmp_path):
     whole, report = _run(tmp_path, "whole")
-    seg, _ = _run(tmp_path, "seg", "--segment", "3")
+    seg, _ = _run(tmp_path, "seg", "--segment", "3", "--checkpoint-eval", "vmap")
     assert rel_error(seg["images"], whole["images"]) < 1e-5
     assert torch.equal(seg["labels"], whole["labels"])
     assert whole["soft_labels"].shape == (20, 10) and whole["meta"]["label_mode"] == "l1"

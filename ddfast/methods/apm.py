@@ -42,6 +42,7 @@ from ddfast.utils import PeakMemory, atomic_torch_save, progress, seed_everythin
 
 NAME = "apm"
 MODEL = "convnet"  # ConvNet-D3, instance norm, as the official code
+CHECKPOINT_EVAL = ("auto", "vmap", "loop")
 
 PRESETS = {
     # paper: the official pool (100 teachers x 100 epochs, template.sh) and the CIFAR-10 script values.
@@ -65,6 +66,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--apm-eps", type=float, default=1e-8, help="ε of --apm-distance log (1e-8)")
     group.add_argument("--lr-img", type=float, default=1.0, help="SGD learning rate on the images (1; ×0.3 at R/2, momentum 0.5)")
     group.add_argument("--lr-net", type=float, default=0.02, help="student SGD learning rate (0.02, the CIFAR-10 script)")
+    group.add_argument("--checkpoint-eval", choices=CHECKPOINT_EVAL, default="auto",
+                       help="how the K checkpoints run in the image update: vmap over stacked parameters or a loop "
+                       "(auto: vmap on CUDA, loop on CPU where it is 2-3x faster; same result)")
+    group.add_argument("--compile-student", action=argparse.BooleanOptionalAction, default=True,
+                       help="train the students through torch.compile (default on; off for eager, e.g. where no C++ compiler is "
+                       "available for inductor)")
     group.add_argument("--batch-syn", type=int, default=None, help="synthetic images B per round (default: all N = classes × IPC)")
 
 
@@ -87,6 +94,8 @@ class Config:
     lr_net: float
     batch_syn: int
     batch_train: int
+    checkpoint_eval: str
+    compile: bool
     segment: int
     reference: bool
     seed: int
@@ -108,7 +117,8 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         net_width=pick(args.net_width, "net_width"), student_epochs=pick(args.student_epochs, "student_epochs"),
         checkpoints=args.checkpoints, mid_gap=pick(args.mid_gap, "mid_gap"), alpha=0.1 if args.alpha is None else args.alpha,
         distance=args.apm_distance, eps=args.apm_eps, lr_img=args.lr_img, img_momentum=0.5, lr_net=args.lr_net,
-        batch_syn=n if args.batch_syn is None else args.batch_syn, batch_train=256, segment=args.segment,
+        batch_syn=n if args.batch_syn is None else args.batch_syn, batch_train=256, checkpoint_eval=args.checkpoint_eval,
+        compile=args.compile_student, segment=args.segment,
         reference=args.backend == "reference", seed=args.seed,
     )
     for field in ("iterations", "teachers", "teacher_epochs", "net_width", "student_epochs", "checkpoints"):
@@ -173,11 +183,30 @@ def student_lr(config: Config, epoch: int) -> float:
     return config.lr_net * (0.1 if epoch >= config.student_epochs // 2 + 1 else 1.0)
 
 
-def train_student(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: Config, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
-    """Train ``net`` E epochs on (images, teacher logits) with L1 and DSA; returns the K checkpoints
-    (parameter dicts). Whole-batch tensors, no DataLoader, no host syncs."""
-    params = [p for p in net.parameters()]
-    optimizer = torch.optim.SGD(params, lr=config.lr_net, momentum=0.9, weight_decay=5e-4, foreach=True)
+class Student:
+    """The student network, reused by every retrain cycle (re-initialised in place), so its
+    ``torch.compile``d loss (``compile=True``: inductor fuses instance norm, ReLU and pooling with their
+    backward; 1.5x a training step on CPU at width 32) is compiled once per run, not once per cycle."""
+
+    def __init__(self, dataset: data.Dataset, width: int, compile: bool) -> None:
+        self.dataset, self.width = dataset, width
+        self.net = _network(dataset, width)
+        self.loss = torch.compile(self._loss, dynamic=False) if compile else self._loss
+
+    def _loss(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(self.net(x), v)
+
+    def reinit(self) -> nn.Module:
+        """Fresh random weights from the global RNG (what a new ``_network`` would get)."""
+        self.net.load_state_dict(_network(self.dataset, self.width).state_dict())
+        return self.net
+
+
+def train_student(student: Student, images: torch.Tensor, targets: torch.Tensor, config: Config, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Train the (re-initialised) student E epochs on (images, teacher logits) with L1 and DSA; returns
+    the K checkpoints (parameter dicts). Whole-batch tensors, no DataLoader, no host syncs."""
+    net = student.net
+    optimizer = torch.optim.SGD(list(net.parameters()), lr=config.lr_net, momentum=0.9, weight_decay=5e-4, foreach=True)
     keep = set(config.checkpoint_epochs)
     n = images.shape[0]
     checkpoints = []
@@ -188,8 +217,7 @@ def train_student(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, c
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, config.batch_train):
             idx = order[start : start + config.batch_train]
-            x = augment.dsa(images[idx], generator=gen)
-            loss = F.l1_loss(net(x), targets[idx])
+            loss = student.loss(augment.dsa(images[idx], generator=gen), targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -231,10 +259,18 @@ def train_student_reference(net: nn.Module, images: torch.Tensor, targets: torch
 
 
 class Checkpoints:
-    """The K student checkpoints as one vmapped function over stacked, frozen parameters."""
+    """The K student checkpoints, frozen, as one function x [n, ...] -> logits [K, n, C].
 
-    def __init__(self, base: nn.Module, states: list[dict[str, torch.Tensor]]) -> None:
-        self.states = states
+    ``vmap``: one ``torch.func.vmap`` of ``functional_call`` over parameters stacked with
+    ``stack_module_state`` (batched kernels: the GPU path). ``loop``: the K frozen modules one after the
+    other. On CPU the vmapped convolutions (grouped convolutions over K) are 2-3x slower than K plain
+    ones (perf/test_apm.py measures both), so ``auto`` picks vmap on CUDA and the loop on CPU."""
+
+    def __init__(self, base: nn.Module, states: list[dict[str, torch.Tensor]], mode: str = "auto") -> None:
+        if mode not in CHECKPOINT_EVAL:
+            raise ValueError(f"checkpoint evaluation must be one of {CHECKPOINT_EVAL}, got {mode!r}")
+        device = next(base.parameters()).device
+        self.mode = mode if mode != "auto" else ("vmap" if device.type == "cuda" else "loop")
         self.base = copy.deepcopy(base).eval()
         modules = []
         for state in states:
@@ -253,7 +289,9 @@ class Checkpoints:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[K, n, C] logits of the K checkpoints on x [n, ...]."""
-        return self._vmapped(self.params, self.buffers, x)
+        if self.mode == "vmap":
+            return self._vmapped(self.params, self.buffers, x)
+        return torch.stack([m(x) for m in self.modules])
 
 
 def image_gradient(u: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, teacher: nn.Module, ckpts: Checkpoints, config: Config) -> tuple[torch.Tensor, float]:
@@ -334,7 +372,7 @@ def build_teachers(dataset: data.Dataset, config: Config) -> tuple[list[nn.Modul
     return pool, accs
 
 
-def start_cycle(dataset: data.Dataset, u: torch.Tensor, pool: list[nn.Module], config: Config, cycle: int) -> dict[str, Any]:
+def start_cycle(student: Student, u: torch.Tensor, pool: list[nn.Module], config: Config, cycle: int) -> dict[str, Any]:
     """Draw the teacher and the subset of this cycle, label the subset with the teacher on clean
     images and train the student; returns the cycle state (what a resumed run reloads)."""
     gen = _cycle_rng(config, cycle)
@@ -345,9 +383,8 @@ def start_cycle(dataset: data.Dataset, u: torch.Tensor, pool: list[nn.Module], c
     with torch.no_grad():
         targets = pool[teacher_index](images)
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    net = _network(dataset, config.net_width)
-    trainer = train_student_reference if config.reference else train_student
-    states = trainer(net, images, targets, config, gen)
+    net = student.reinit()
+    states = train_student_reference(net, images, targets, config, gen) if config.reference else train_student(student, images, targets, config, gen)
     return {"cycle": cycle, "teacher": teacher_index, "idx": idx, "checkpoints": [{k: v.detach() for k, v in s.items()} for s in states]}
 
 
@@ -375,6 +412,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         timing.update(blob["timing"])
         print(f"resuming from round {first_round} of {config.iterations} ({ckpt_path})")
     base = _network(dataset, config.net_width)
+    student = Student(dataset, config.net_width, compile=config.compile and not config.reference)
     ckpts, middle_models, peak_mb = None, None, None
     rounds_run, round_seconds = 0, 0.0
     bar = progress(total=config.iterations, initial=first_round, desc=f"apm IPC {config.ipc}", unit="round")
@@ -382,7 +420,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         t0 = time.time()
         cycle = it // (config.mid_gap + 1)
         if cycle_state is None or cycle_state["cycle"] != cycle:
-            cycle_state = start_cycle(dataset, u, pool, config, cycle)
+            cycle_state = start_cycle(student, u, pool, config, cycle)
             ckpts = middle_models = None
         t1 = time.time()
         if ckpts is None and middle_models is None:
@@ -393,7 +431,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
                     m.load_state_dict(state, strict=False)
                     middle_models.append(m)
             else:
-                ckpts = Checkpoints(base, cycle_state["checkpoints"])
+                ckpts = Checkpoints(base, cycle_state["checkpoints"], config.checkpoint_eval)
         teacher = pool[cycle_state["teacher"]]
         for group in optimizer.param_groups:  # MultiStepLR([R//2], gamma=0.3) stepped once per round
             group["lr"] = config.lr_img * (0.3 if it >= config.iterations // 2 else 1.0)
