@@ -3,6 +3,7 @@
 the l1 evaluation protocol — on the small synthetic dataset."""
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_fused_update_matches_the_official_style_update(distance, dtype, tol):
     u = torch.randn(30, 1, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
     y = torch.arange(30) % 10
     idx = torch.arange(30)
-    fused, loss = apm.image_gradient(u, idx, y, teacher, apm.Checkpoints(base, states), cfg)
+    fused, loss = apm.image_gradient(u, idx, y, apm.MatchingNets(base, 3).load(teacher, states), cfg)
     for p in teacher.parameters():
         p.requires_grad_(True)
     official, loss_ref = apm.image_gradient_reference(u, idx, y, teacher, middle, cfg)
@@ -81,9 +82,9 @@ def test_segments_give_the_whole_batch_gradient(segment, distance):
     u = torch.randn(30, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     y = torch.arange(30) % 10
     idx = torch.randperm(30, generator=torch.Generator().manual_seed(3))[:23]  # a subset, unsorted
-    ckpts = apm.Checkpoints(base, states)
-    whole, loss_whole = apm.image_gradient(u, idx, y, teacher, ckpts, _config(distance=distance, batch_syn=23))
-    seg, loss_seg = apm.image_gradient(u, idx, y, teacher, ckpts, _config(distance=distance, batch_syn=23, segment=segment))
+    nets = apm.MatchingNets(base, 3).load(teacher, states)
+    whole, loss_whole = apm.image_gradient(u, idx, y, nets, _config(distance=distance, batch_syn=23))
+    seg, loss_seg = apm.image_gradient(u, idx, y, nets, _config(distance=distance, batch_syn=23, segment=segment))
     assert rel_error(seg, whole) < 1e-5
     assert abs(loss_seg - loss_whole) < 1e-5 * abs(loss_whole)
     outside = torch.ones(30, dtype=torch.bool)
@@ -91,20 +92,28 @@ def test_segments_give_the_whole_batch_gradient(segment, distance):
     assert (whole[outside] == 0).all()  # images outside the batch get no gradient
 
 
-@pytest.mark.parametrize("mode", ["vmap", "loop"])
-def test_checkpoints_equal_each_module(mode):
-    base, _, states, middle = _nets(torch.float64, k=4)
-    x = torch.randn(5, 1, 16, 16, dtype=torch.float64, requires_grad=True)
-    ckpts = apm.Checkpoints(base, states, mode)
-    out = ckpts(x)
-    assert out.shape == (4, 5, 10)
-    for k, m in enumerate(middle):
-        assert rel_error(out[k], m.eval()(x)) < 1e-12
-    assert all(not p.requires_grad for p in ckpts.params.values())
-    assert all(not p.requires_grad for m in ckpts.modules for p in m.parameters())
-    (gx,) = torch.autograd.grad(out.square().sum(), x)
-    (gx_ref,) = torch.autograd.grad(sum(m(x).square().sum() for m in middle), x)
-    assert rel_error(gx, gx_ref) < 1e-12
+@pytest.mark.parametrize("mode,compile", [("vmap", False), ("loop", False), ("loop", True)])
+def test_matching_nets_equal_each_module(mode, compile):
+    dtype, tol = (torch.float32, 1e-5) if compile else (torch.float64, 1e-12)
+    base, teacher, states, middle = _nets(dtype, k=4)
+    nets = apm.MatchingNets(base, 4, mode, compile)
+    for cycle in range(2):  # the slots take a second cycle's weights in place (no retrace when compiled)
+        if cycle:
+            teacher, states, middle = middle[0], [{n: p.detach() * 0.5 for n, p in m.named_parameters()} for m in middle], []
+            for state in states:
+                m = copy.deepcopy(base)
+                m.load_state_dict(state, strict=False)
+                middle.append(m)
+        nets.load(teacher, states)
+        x = torch.randn(5, 1, 16, 16, dtype=dtype, requires_grad=True)
+        out = nets(x)
+        assert out.shape == (5, 5, 10)
+        for k, m in enumerate([teacher, *middle]):
+            assert rel_error(out[k], m.eval()(x)) < tol
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        (gx_ref,) = torch.autograd.grad(sum(m(x).square().sum() for m in [teacher, *middle]), x)
+        assert rel_error(gx, gx_ref) < tol
+    assert all(not p.requires_grad for m in [nets.teacher, *nets.students] for p in m.parameters())
 
 
 def test_student_schedule_and_checkpoint_epochs():
@@ -135,7 +144,7 @@ def test_teacher_recipe_is_the_official_one():
 
 def test_segment_run_gives_the_whole_batch_images(tmp_path):
     whole, report = _run(tmp_path, "whole")
-    seg, _ = _run(tmp_path, "seg", "--segment", "3", "--checkpoint-eval", "vmap")
+    seg, _ = _run(tmp_path, "seg", "--segment", "3")  # both compiled (the default): same students, segmented update
     assert rel_error(seg["images"], whole["images"]) < 1e-5
     assert torch.equal(seg["labels"], whole["labels"])
     assert whole["soft_labels"].shape == (20, 10) and whole["meta"]["label_mode"] == "l1"
@@ -147,7 +156,7 @@ def test_segment_run_gives_the_whole_batch_images(tmp_path):
 def test_reference_backend_runs_the_same_method(tmp_path):
     """Same teacher draws, subsets and image update; the students differ only in their RNG use
     (DataLoader shuffling), so both runs move the images and keep labels and shapes."""
-    fused, _ = _run(tmp_path, "fused")
+    fused, _ = _run(tmp_path, "fused", "--no-compile", "--checkpoint-eval", "vmap")
     ref, report = _run(tmp_path, "ref", "--backend", "reference")
     assert ref["images"].shape == fused["images"].shape and torch.equal(ref["labels"], fused["labels"])
     assert report["method_config"]["reference"] is True
@@ -156,7 +165,7 @@ def test_reference_backend_runs_the_same_method(tmp_path):
 
 
 def test_sigkill_resumes_to_the_same_images(tmp_path):
-    extra = ["--iterations", "12"]
+    extra = ["--iterations", "12", "--no-compile"]
     whole, _ = _run(tmp_path, "uninterrupted", *extra)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "apm", *BASE, *extra, "--out", str(out)]

@@ -69,9 +69,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--checkpoint-eval", choices=CHECKPOINT_EVAL, default="auto",
                        help="how the K checkpoints run in the image update: vmap over stacked parameters or a loop "
                        "(auto: vmap on CUDA, loop on CPU where it is 2-3x faster; same result)")
-    group.add_argument("--compile-student", action=argparse.BooleanOptionalAction, default=True,
-                       help="train the students through torch.compile (default on; off for eager, e.g. where no C++ compiler is "
-                       "available for inductor)")
+    group.add_argument("--compile", dest="apm_compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the students' training loss and the image update's networks through torch.compile (default on; "
+                       "--no-compile for eager, e.g. where inductor has no C++ compiler)")
     group.add_argument("--batch-syn", type=int, default=None, help="synthetic images B per round (default: all N = classes × IPC)")
 
 
@@ -118,7 +118,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         checkpoints=args.checkpoints, mid_gap=pick(args.mid_gap, "mid_gap"), alpha=0.1 if args.alpha is None else args.alpha,
         distance=args.apm_distance, eps=args.apm_eps, lr_img=args.lr_img, img_momentum=0.5, lr_net=args.lr_net,
         batch_syn=n if args.batch_syn is None else args.batch_syn, batch_train=256, checkpoint_eval=args.checkpoint_eval,
-        compile=args.compile_student, segment=args.segment,
+        compile=args.apm_compile, segment=args.segment,
         reference=args.backend == "reference", seed=args.seed,
     )
     for field in ("iterations", "teachers", "teacher_epochs", "net_width", "student_epochs", "checkpoints"):
@@ -186,7 +186,7 @@ def student_lr(config: Config, epoch: int) -> float:
 class Student:
     """The student network, reused by every retrain cycle (re-initialised in place), so its
     ``torch.compile``d loss (``compile=True``: inductor fuses instance norm, ReLU and pooling with their
-    backward; 1.5x a training step on CPU at width 32) is compiled once per run, not once per cycle."""
+    backward; 1.5-1.7x a training step on CPU) is compiled once per run, not once per cycle."""
 
     def __init__(self, dataset: data.Dataset, width: int, compile: bool) -> None:
         self.dataset, self.width = dataset, width
@@ -258,43 +258,58 @@ def train_student_reference(net: nn.Module, images: torch.Tensor, targets: torch
 # ----------------------------------------------------------------------------- image update
 
 
-class Checkpoints:
-    """The K student checkpoints, frozen, as one function x [n, ...] -> logits [K, n, C].
+class MatchingNets:
+    """The teacher and the K student checkpoints of the image update, frozen, as one function
+    x [n, ...] -> z [K+1, n, C] (z[0] the teacher, z[1:] the checkpoints: K4's input).
 
-    ``vmap``: one ``torch.func.vmap`` of ``functional_call`` over parameters stacked with
-    ``stack_module_state`` (batched kernels: the GPU path). ``loop``: the K frozen modules one after the
-    other. On CPU the vmapped convolutions (grouped convolutions over K) are 2-3x slower than K plain
-    ones (perf/test_apm.py measures both), so ``auto`` picks vmap on CUDA and the loop on CPU."""
+    Persistent module slots receive each cycle's weights in place (:meth:`load`), so a
+    ``torch.compile``d forward (``compile=True``) is traced once per run and per segment size.
+    Checkpoints: ``vmap`` runs them as one ``torch.func.vmap`` of ``functional_call`` over parameters
+    stacked with ``stack_module_state`` (batched kernels: the GPU path); ``loop`` runs the K frozen
+    modules one after the other. On CPU the vmapped convolutions (grouped convolutions over K) are
+    ~1.8x slower than K plain ones (perf/test_apm.py), so ``auto`` picks vmap on CUDA, the loop on CPU."""
 
-    def __init__(self, base: nn.Module, states: list[dict[str, torch.Tensor]], mode: str = "auto") -> None:
+    def __init__(self, base: nn.Module, k: int, mode: str = "auto", compile: bool = False) -> None:
         if mode not in CHECKPOINT_EVAL:
             raise ValueError(f"checkpoint evaluation must be one of {CHECKPOINT_EVAL}, got {mode!r}")
         device = next(base.parameters()).device
         self.mode = mode if mode != "auto" else ("vmap" if device.type == "cuda" else "loop")
-        self.base = copy.deepcopy(base).eval()
-        modules = []
-        for state in states:
-            module = copy.deepcopy(self.base)
-            module.load_state_dict(state, strict=False)
-            modules.append(_frozen(module))
-        self.modules = modules
-        params, buffers = torch.func.stack_module_state(modules)
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.buffers = buffers
+        self.teacher = _frozen(copy.deepcopy(base))
+        self.students = [_frozen(copy.deepcopy(base)) for _ in range(k)]
+        self._base = _frozen(copy.deepcopy(base))
 
         def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(self.base, (p, b), (x,))
+            return torch.func.functional_call(self._base, (p, b), (x,))
 
         self._vmapped = torch.func.vmap(one, in_dims=(0, 0, None))
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._forward = torch.compile(self._logits, dynamic=False) if compile else self._logits
+
+    @torch.no_grad()
+    def load(self, teacher: nn.Module, states: list[dict[str, torch.Tensor]]) -> MatchingNets:
+        if len(states) != len(self.students):
+            raise ValueError(f"expected {len(self.students)} checkpoints, got {len(states)}")
+        self.teacher.load_state_dict(teacher.state_dict())
+        for module, state in zip(self.students, states):
+            module.load_state_dict(state, strict=False)
+        if self.mode == "vmap":
+            params, self.buffers = torch.func.stack_module_state(self.students)
+            self.params = {k: v.detach() for k, v in params.items()}
+        return self
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "vmap":
+            students = self._vmapped(self.params, self.buffers, x)
+        else:
+            students = torch.stack([m(x) for m in self.students])
+        return torch.cat([self.teacher(x).unsqueeze(0), students])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, n, C] logits of the K checkpoints on x [n, ...]."""
-        if self.mode == "vmap":
-            return self._vmapped(self.params, self.buffers, x)
-        return torch.stack([m(x) for m in self.modules])
+        return self._forward(x)
 
 
-def image_gradient(u: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, teacher: nn.Module, ckpts: Checkpoints, config: Config) -> tuple[torch.Tensor, float]:
+def image_gradient(u: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, nets: MatchingNets, config: Config) -> tuple[torch.Tensor, float]:
     """∇_u L_u over the batch ``idx`` in segments of ``config.segment`` images (exact: every
     network is a per-sample function in eval mode, each segment weighted by 1/B with the global B)."""
     grad = torch.zeros_like(u)
@@ -304,7 +319,7 @@ def image_gradient(u: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, teacher:
     for start in range(0, batch, step):
         seg = idx[start : start + step]
         x = u.detach()[seg].requires_grad_(True)
-        z = torch.cat([teacher(x).unsqueeze(0), ckpts(x)])
+        z = nets(x)
         loss = apm_loss(z, y[seg], batch_size=batch, alpha=config.alpha, log=config.distance == "log", eps=config.eps)
         loss.backward()
         grad.index_add_(0, seg, x.grad)
@@ -413,7 +428,8 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         print(f"resuming from round {first_round} of {config.iterations} ({ckpt_path})")
     base = _network(dataset, config.net_width)
     student = Student(dataset, config.net_width, compile=config.compile and not config.reference)
-    ckpts, middle_models, peak_mb = None, None, None
+    nets = None if config.reference else MatchingNets(base, len(config.checkpoint_epochs), config.checkpoint_eval, config.compile)
+    loaded, middle_models, peak_mb = None, None, None
     rounds_run, round_seconds = 0, 0.0
     bar = progress(total=config.iterations, initial=first_round, desc=f"apm IPC {config.ipc}", unit="round")
     for it in range(first_round, config.iterations):
@@ -421,9 +437,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         cycle = it // (config.mid_gap + 1)
         if cycle_state is None or cycle_state["cycle"] != cycle:
             cycle_state = start_cycle(student, u, pool, config, cycle)
-            ckpts = middle_models = None
         t1 = time.time()
-        if ckpts is None and middle_models is None:
+        if loaded != cycle_state["cycle"]:
+            loaded = cycle_state["cycle"]
             if config.reference:
                 middle_models = []
                 for state in cycle_state["checkpoints"]:
@@ -431,12 +447,13 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
                     m.load_state_dict(state, strict=False)
                     middle_models.append(m)
             else:
-                ckpts = Checkpoints(base, cycle_state["checkpoints"], config.checkpoint_eval)
+                nets.load(pool[cycle_state["teacher"]], cycle_state["checkpoints"])
         teacher = pool[cycle_state["teacher"]]
         for group in optimizer.param_groups:  # MultiStepLR([R//2], gamma=0.3) stepped once per round
             group["lr"] = config.lr_img * (0.3 if it >= config.iterations // 2 else 1.0)
         idx = cycle_state["idx"]
-        measure = peak_mb is None
+        # measured on the second round of this process (the first one traces/compiles), or the only one
+        measure = peak_mb is None and (rounds_run >= 1 or it == config.iterations - 1)
         with PeakMemory() if measure else _Null() as peak:
             if config.reference:
                 for p in teacher.parameters():  # the official teacher is not frozen
@@ -444,7 +461,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
                 grad, loss = image_gradient_reference(u, idx, y, teacher, middle_models, config)
                 _frozen(teacher)
             else:
-                grad, loss = image_gradient(u, idx, y, teacher, ckpts, config)
+                grad, loss = image_gradient(u, idx, y, nets, config)
         if measure:
             peak_mb = peak.mb
         u.grad = grad
