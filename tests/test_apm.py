@@ -219,3 +219,12 @@ def test_l1_protocol_trains_on_logits_with_the_apm_schedule():
         evaluate_synset(images, labels, dataset, width=8, epochs=1, runs=1, label_mode="l1")
     multistep = TrainConfig(epochs=10, lr=1.0, schedule="multistep")
     assert multistep.lr_at(5) == 1.0 and multistep.lr_at(6) == pytest.approx(0.1)
+
+
+def test_image_lr_keeps_the_per_image_step_in_the_default_preset():
+    """default: γ = 0.01·B (per-image step γ/B fixed across IPCs); paper: the official γ = 1; --lr-img wins."""
+    parse = lambda *extra: build_parser().parse_args(["--method", "apm", "--ipc", "2", *extra])  # noqa: E731
+    assert apm.resolve_config(parse(), 10).lr_img == pytest.approx(0.2)
+    assert apm.resolve_config(parse("--batch-syn", "5"), 10).lr_img == pytest.approx(0.05)
+    assert apm.resolve_config(parse("--preset", "paper"), 10).lr_img == 1.0
+    assert apm.resolve_config(parse("--lr-img", "3"), 10).lr_img == 3.0

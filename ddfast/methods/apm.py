@@ -46,11 +46,12 @@ CHECKPOINT_EVAL = ("auto", "vmap", "loop")
 
 PRESETS = {
     # paper: the official pool (100 teachers x 100 epochs, template.sh) and the CIFAR-10 script values.
+    # lr_img_per_image: γ/B (None = the official γ = 1 for any B).
     "paper": {"iterations": 2500, "teachers": 100, "teacher_epochs": 100, "teacher_images": 0, "net_width": 128,
-              "student_epochs": 250, "mid_gap": 2},
+              "student_epochs": 250, "mid_gap": 2, "lr_img_per_image": None},
     # default: sized for 2 CPU cores (IPC 10 in about half an hour, teachers included; README "APM presets").
     "default": {"iterations": 300, "teachers": 5, "teacher_epochs": 5, "teacher_images": 20000, "net_width": 32,
-                "student_epochs": 250, "mid_gap": 2},
+                "student_epochs": 250, "mid_gap": 2, "lr_img_per_image": 0.01},
 }
 
 
@@ -64,7 +65,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--apm-distance", choices=("l1", "log"), default="l1",
                        help="φ of the checkpoint distance: l1 = −L1/C (the official code, default), log = −log(L1 + ε) (the paper)")
     group.add_argument("--apm-eps", type=float, default=1e-8, help="ε of --apm-distance log (1e-8)")
-    group.add_argument("--lr-img", type=float, default=1.0, help="SGD learning rate on the images (1; ×0.3 at R/2, momentum 0.5)")
+    group.add_argument("--lr-img", type=float, default=None,
+                       help="SGD learning rate γ on the images (momentum 0.5, ×0.3 at R/2); default from --preset: paper 1 (official), "
+                       "default 0.01·B, i.e. a per-image step γ/B = 0.01 whatever the IPC (the 1/B weighting of L_u makes γ scale with B)")
     group.add_argument("--lr-net", type=float, default=0.02, help="student SGD learning rate (0.02, the CIFAR-10 script)")
     group.add_argument("--checkpoint-eval", choices=CHECKPOINT_EVAL, default="auto",
                        help="how the K checkpoints run in the image update: vmap over stacked parameters or a loop "
@@ -111,13 +114,16 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
     preset = PRESETS[args.preset]
     pick = lambda value, key: preset[key] if value is None else value  # noqa: E731
     n = num_classes * args.ipc
+    batch_syn = n if args.batch_syn is None else args.batch_syn
+    per_image = preset["lr_img_per_image"]
+    lr_img = args.lr_img if args.lr_img is not None else (1.0 if per_image is None else per_image * batch_syn)
     config = Config(
         ipc=args.ipc, iterations=pick(args.iterations, "iterations"), teachers=pick(args.teachers, "teachers"),
         teacher_epochs=pick(args.teacher_epochs, "teacher_epochs"), teacher_images=pick(args.teacher_images, "teacher_images"),
         net_width=pick(args.net_width, "net_width"), student_epochs=pick(args.student_epochs, "student_epochs"),
         checkpoints=args.checkpoints, mid_gap=pick(args.mid_gap, "mid_gap"), alpha=0.1 if args.alpha is None else args.alpha,
-        distance=args.apm_distance, eps=args.apm_eps, lr_img=args.lr_img, img_momentum=0.5, lr_net=args.lr_net,
-        batch_syn=n if args.batch_syn is None else args.batch_syn, batch_train=256, checkpoint_eval=args.checkpoint_eval,
+        distance=args.apm_distance, eps=args.apm_eps, lr_img=lr_img, img_momentum=0.5, lr_net=args.lr_net,
+        batch_syn=batch_syn, batch_train=256, checkpoint_eval=args.checkpoint_eval,
         compile=args.apm_compile, segment=args.segment,
         reference=args.backend == "reference", seed=args.seed,
     )
