@@ -5,9 +5,10 @@ teacher's logits on the clean images (DSA on its inputs) and K checkpoints are k
 images move along −∇ of L_u = (1/B) Σ_i [Σ_k φ(‖f_Sk(u_i) − f_T(u_i)‖₁) + α·CE(f_T(u_i), y_i)] (K4,
 ``ddfast.ops.apm_loss``), i.e. towards where the checkpoints disagree with the teacher.
 
-Fast path (the default backends): the K checkpoints run as one ``torch.func`` vmap over stacked
-parameters, the teacher once per segment, every network frozen (no weight gradients), the student
-trained on whole-batch tensors with no DataLoader and no host syncs. ``--backend reference`` runs the
+Fast path (the default backends): the teacher once per segment and the K checkpoints (one ``torch.func``
+vmap over stacked parameters on CUDA, a loop on CPU where that is faster), every network frozen (no
+weight gradients), K4 for the head, all through one ``torch.compile``d forward; the student trained
+through a compiled loss on whole-batch tensors with no DataLoader and no host syncs. ``--backend reference`` runs the
 same method written like the official ``mchen725/DD_APM`` distill.py (teacher re-forwarded for every
 checkpoint, parameters left trainable, a DataLoader and per-batch ``.item()``/numpy syncs per retrain):
 the baseline of the perf rows.
@@ -71,7 +72,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lr-net", type=float, default=0.02, help="student SGD learning rate (0.02, the CIFAR-10 script)")
     group.add_argument("--checkpoint-eval", choices=CHECKPOINT_EVAL, default="auto",
                        help="how the K checkpoints run in the image update: vmap over stacked parameters or a loop "
-                       "(auto: vmap on CUDA, loop on CPU where it is 2-3x faster; same result)")
+                       "(auto: vmap on CUDA, loop on CPU where it is 1.2-1.8x faster; same result)")
     group.add_argument("--compile", dest="apm_compile", action=argparse.BooleanOptionalAction, default=True,
                        help="run the students' training loss and the image update's networks through torch.compile (default on; "
                        "--no-compile for eager, e.g. where inductor has no C++ compiler)")
@@ -273,7 +274,7 @@ class MatchingNets:
     Checkpoints: ``vmap`` runs them as one ``torch.func.vmap`` of ``functional_call`` over parameters
     stacked with ``stack_module_state`` (batched kernels: the GPU path); ``loop`` runs the K frozen
     modules one after the other. On CPU the vmapped convolutions (grouped convolutions over K) are
-    ~1.8x slower than K plain ones (perf/test_apm.py), so ``auto`` picks vmap on CUDA, the loop on CPU."""
+    1.2-1.8x slower than K plain ones (perf/test_apm.py), so ``auto`` picks vmap on CUDA, the loop on CPU."""
 
     def __init__(self, base: nn.Module, k: int, mode: str = "auto", compile: bool = False) -> None:
         if mode not in CHECKPOINT_EVAL:
