@@ -91,3 +91,26 @@ def test_bad_inputs_raise(bad, match):
         ref.attention_match(*bad(fr, fs, yr, ys))
     with pytest.raises(ValueError, match="mode"):
         ref.attention_match(fr, fs, yr, ys, mode="pixel")
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_op_matches_the_oracle_and_traces_under_compile(mode):
+    from ddfast.backend import use_backend
+    from ddfast.ops.attention_match import attention_match as op
+
+    fr, fs, yr, ys, er, es = _case(7)
+    fs = [f.requires_grad_(True) for f in fs]
+    es = es.requires_grad_(True)
+    expected = _loop_oracle(fr, fs, yr, ys, 4.0, mode, [100.0, 1.0], er, es, 0.5)
+    grads_expected = torch.autograd.grad(expected, [*fs, es])
+    with use_backend("reference"):
+        loss = op(fr, fs, yr, ys, 4.0, mode, [100.0, 1.0], er, es, 0.5)
+        grads = torch.autograd.grad(loss * 3, [*fs, es])
+        compiled = torch.compile(lambda a, b: op(fr, [a, b], yr, ys, 4.0, mode, [100.0, 1.0], er, es, 0.5), fullgraph=True)
+        value = compiled(*fs)
+    assert_close(loss, expected.detach(), atol=1e-12, rtol=1e-10, name="loss")
+    for g, e in zip(grads, grads_expected):
+        assert_close(g, 3 * e, atol=1e-10, rtol=1e-9, name="grad")
+    assert_close(value.detach(), expected.detach(), atol=1e-12, rtol=1e-10, name="compiled loss")
+    with use_backend("cpu"), pytest.raises(NotImplementedError, match="no cpu backend yet"):
+        op(fr, fs, yr, ys)

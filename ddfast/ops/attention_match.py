@@ -1,0 +1,95 @@
+"""K2: batched multi-layer attention matching with per-class means (DESIGN §4 K2, specs/d2m-datadam-k2.md §3).
+
+One custom op, ``ddfast::attention_match_forward(real_feats, syn_feats, real_labels, syn_labels, p, mode,
+layer_weights, real_emb, syn_emb, emb_weight, with_grad) -> (loss, d_syn_feats, d_syn_emb)``: the loss and,
+when the synthetic side requires grad, its closed-form gradient in the same call (the real side is a
+constant: no graph, no gradient). The registered backward only scales the precomputed gradients, so
+nothing besides them is kept between forward and backward; the op traces under ``torch.compile``.
+
+Backends: only ``reference`` (ddfast/reference/attention_match.py, the vectorised closed form over all
+layers and classes) exists yet; the fused cpu/triton kernels of issue 14 are not written, and forcing
+them raises instead of silently running the reference.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ddfast import backend
+from ddfast.reference import attention_match as ref
+
+Tensor = torch.Tensor
+
+
+def _forward_impl(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, real_emb, syn_emb, emb_weight, with_grad):
+    forced = backend.requested_backend()
+    if forced in ("cpu", "triton"):
+        raise NotImplementedError(f"attention_match has no {forced} backend yet (issue 14); use the reference backend")
+    loss, grads, d_emb = ref.attention_match_and_grad(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights,
+                                                      real_emb, syn_emb, emb_weight)
+    if not with_grad:
+        return loss, [f.new_empty(0) for f in syn_feats], loss.new_empty(0)
+    return loss, grads, d_emb if d_emb is not None else loss.new_empty(0)
+
+
+@torch.library.custom_op("ddfast::attention_match_forward", mutates_args=())
+def attention_match_forward(
+    real_feats: list[Tensor], syn_feats: list[Tensor], real_labels: Tensor, syn_labels: Tensor, p: float, mode: str,
+    layer_weights: list[float], real_emb: Tensor | None, syn_emb: Tensor | None, emb_weight: float, with_grad: bool,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    return _forward_impl(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, real_emb, syn_emb, emb_weight, with_grad)
+
+
+@attention_match_forward.register_fake
+def _(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, real_emb, syn_emb, emb_weight, with_grad):
+    dtype = ref.compute_dtype(syn_feats[0])
+    loss = syn_feats[0].new_empty((), dtype=dtype)
+    grads = [torch.empty_like(f, memory_format=torch.contiguous_format) if with_grad else f.new_empty(0) for f in syn_feats]
+    d_emb = torch.empty_like(syn_emb) if (with_grad and syn_emb is not None and real_emb is not None) else loss.new_empty(0)
+    return loss, grads, d_emb
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.with_grad = inputs[-1]
+    ctx.num_layers = len(inputs[1])
+    ctx.has_emb = inputs[7] is not None and inputs[8] is not None
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output[1], output[2])
+
+
+def _backward(ctx, g_loss, g_grads, g_emb):
+    if not ctx.with_grad:
+        raise RuntimeError("attention_match_forward was called with with_grad=False; it cannot be differentiated")
+    *grads, d_emb = ctx.saved_tensors
+    scale = (lambda g: g) if g_loss is None else (lambda g: g * g_loss.to(g.dtype))  # noqa: E731
+    nones = [None] * ctx.num_layers  # the backward mirrors the tensor-list inputs
+    d_syn = nones if g_loss is None else [scale(g) for g in grads]
+    d_e = scale(d_emb) if (g_loss is not None and ctx.has_emb) else None
+    return nones, d_syn, None, None, None, None, None, None, d_e, None, None
+
+
+torch.library.register_autograd("ddfast::attention_match_forward", _backward, setup_context=_setup_context)
+
+
+def attention_match(
+    real_feats: Sequence[Tensor], syn_feats: Sequence[Tensor], real_labels: Tensor, syn_labels: Tensor,
+    p: float = 1.0, mode: str = "spatial", layer_weights: Sequence[float] | None = None,
+    real_emb: Tensor | None = None, syn_emb: Tensor | None = None, emb_weight: float = 1.0,
+) -> Tensor:
+    """Σ_l w_l Σ_k ‖mean_{real,k} â_l − mean_{syn,k} â_l‖² + emb_weight·Σ_k ‖mean e_real,k − mean e_syn,k‖².
+
+    Lists of per-layer features [N, C, H, W] (any number of layers and sizes), integer labels of each side
+    (any order, ragged classes; a class absent on either side contributes nothing); â = attention map
+    (Σ_c |F|^p per position in ``spatial`` mode, Σ over positions per channel in ``channel`` mode) with
+    unit L2 norm per sample (F.normalize, eps 1e-12). Differentiable w.r.t. the synthetic features and
+    embedding only. Returns a 0-dim float32 tensor (float64 for float64 features)."""
+    syn = list(syn_feats)
+    weights = [float(w) for w in (layer_weights if layer_weights is not None else [1.0] * len(syn))]
+    ref._check(list(real_feats), syn, real_labels, syn_labels, weights, p)
+    ref._reduce_dim(mode)
+    with_grad = torch.is_grad_enabled() and (any(f.requires_grad for f in syn) or (syn_emb is not None and syn_emb.requires_grad))
+    real = [f.detach() for f in real_feats]
+    loss, _, _ = attention_match_forward(real, syn, real_labels, syn_labels, float(p), mode, weights,
+                                         None if real_emb is None else real_emb.detach(), syn_emb, float(emb_weight), bool(with_grad))
+    return loss
