@@ -114,3 +114,30 @@ def test_op_matches_the_oracle_and_traces_under_compile(mode):
     assert_close(value.detach(), expected.detach(), atol=1e-12, rtol=1e-10, name="compiled loss")
     with use_backend("cpu"), pytest.raises(NotImplementedError, match="no cpu backend yet"):
         op(fr, fs, yr, ys)
+
+
+@pytest.mark.parametrize("exp", [1.0, 4.0])
+def test_op_equals_datadam_official_loss(exp):
+    """The official loop (last activation excluded, 100 per layer, 100·task_balance on the outputs)
+    is the op with layer_weights 100 over the first D−1 activations and emb_weight 100·0.01."""
+    from ddfast.backend import use_backend
+    from ddfast.ops.attention_match import attention_match as op
+    from ddfast.reference.attention_match_official import datadam_loss
+
+    gen = torch.Generator().manual_seed(int(exp))
+    classes, batch_real, ipc = 3, 4, 2
+    shapes = [(6, 8, 8), (6, 4, 4), (6, 2, 2)]
+    real = [torch.randn(classes * batch_real, *s, generator=gen, dtype=F64).relu() for s in shapes]
+    syn = [torch.randn(classes * ipc, *s, generator=gen, dtype=F64).relu().requires_grad_(True) for s in shapes]
+    out_real = torch.randn(classes * batch_real, 24, generator=gen, dtype=F64)
+    out_syn = torch.randn(classes * ipc, 24, generator=gen, dtype=F64, requires_grad=True)
+    yr = torch.arange(classes).repeat_interleave(batch_real)
+    ys = torch.arange(classes).repeat_interleave(ipc)
+    expected = datadam_loss(real, syn, out_real, out_syn, classes, batch_real, ipc, exp=exp)
+    grads_expected = torch.autograd.grad(expected, [*syn[:-1], out_syn])
+    with use_backend("reference"):
+        loss = op(real[:-1], syn[:-1], yr, ys, exp, "spatial", [100.0, 100.0], out_real, out_syn, 1.0)
+        grads = torch.autograd.grad(loss, [*syn[:-1], out_syn])
+    assert_close(loss, expected.detach(), atol=1e-12, rtol=1e-10, name="loss")
+    for g, e in zip(grads, grads_expected):
+        assert_close(g, e, atol=1e-10, rtol=1e-9, name="grad")
