@@ -24,12 +24,7 @@ BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--teachers
         "--net-width", "8", "--student-epochs", "4", "--checkpoints", "2", "--mid-gap", "1", "--no-eval"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DDFAST_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache_dir")  # tests/conftest.py
 
 
 def _run(tmp_path, name, *extra):

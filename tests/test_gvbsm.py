@@ -16,13 +16,7 @@ BASE = ["--dataset", "synthetic", "--ipc", "4", "--iterations", "3", "--batch-si
         "--backbones", "resnet18:8,convnet:8", "--teacher-epochs", "1", "--no-eval"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cache(tmp_path_factory):
-    # One cache for the module: teachers and conv statistics are trained/collected once.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DDFAST_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache_dir")  # tests/conftest.py
 
 
 def _run(tmp_path, name, *extra):
