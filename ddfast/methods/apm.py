@@ -22,6 +22,7 @@ the last round, not of a second teacher drawn at evaluation; teachers keep their
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -461,7 +462,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         idx = cycle_state["idx"]
         # measured on the second round of this process (the first one traces/compiles), or the only one
         measure = peak_mb is None and (rounds_run >= 1 or it == config.iterations - 1)
-        with PeakMemory() if measure else _Null() as peak:
+        with PeakMemory() if measure else contextlib.nullcontext(None) as peak:
             if config.reference:
                 for p in teacher.parameters():  # the official teacher is not frozen
                     p.requires_grad_(True)
@@ -469,7 +470,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
                 _frozen(teacher)
             else:
                 grad, loss = image_gradient(u, idx, y, nets, config)
-        if measure:
+        if peak is not None:
             peak_mb = peak.mb
         u.grad = grad
         optimizer.step()
@@ -503,16 +504,6 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     }
     baseline = DistillResult(images=real, labels=real_labels, soft_labels=soft_real, label_mode="l1")
     return DistillResult(images=images, labels=y, soft_labels=soft, stats=stats, baseline=baseline, label_mode="l1")
-
-
-class _Null:
-    mb = None
-
-    def __enter__(self) -> _Null:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _describe(config: Config, preset: str) -> str:
