@@ -6,9 +6,11 @@ when the synthetic side requires grad, its closed-form gradient in the same call
 constant: no graph, no gradient). The registered backward only scales the precomputed gradients, so
 nothing besides them is kept between forward and backward; the op traces under ``torch.compile``.
 
-Backends: only ``reference`` (ddfast/reference/attention_match.py, the vectorised closed form over all
-layers and classes) exists yet; the fused cpu/triton kernels of issue 14 are not written, and forcing
-them raises instead of silently running the reference.
+Backends, picked by :func:`ddfast.backend.select_backend`:
+
+* ``cpu`` (``ddfast._C.attention_match_forward``, csrc/attention_match.cpp);
+* ``triton`` (kernels/attention_match.py);
+* ``reference`` (ddfast/reference/attention_match.py): the vectorised closed form over all layers and classes.
 """
 from __future__ import annotations
 
@@ -22,10 +24,27 @@ from ddfast.reference import attention_match as ref
 Tensor = torch.Tensor
 
 
+def _backend_for(t: Tensor) -> str:
+    name = backend.select_backend(t.device)
+    # The Triton kernels compute in fp32; float64 oracles take the reference path.
+    return "reference" if name == "triton" and t.dtype == torch.float64 else name
+
+
 def _forward_impl(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, real_emb, syn_emb, emb_weight, with_grad):
-    forced = backend.requested_backend()
-    if forced in ("cpu", "triton"):
-        raise NotImplementedError(f"attention_match has no {forced} backend yet (issue 14); use the reference backend")
+    probe = syn_feats[0] if syn_feats else (syn_emb if syn_emb is not None else real_labels)
+    name = _backend_for(probe)
+    num_classes = ref._num_classes(real_labels, syn_labels)
+    if name == "cpu":
+        loss, grads, d_emb = backend.cpu_extension().attention_match_forward(
+            real_feats, syn_feats, real_labels.to("cpu"), syn_labels.to("cpu"), num_classes, p, mode == "spatial",
+            layer_weights, real_emb, syn_emb, emb_weight, with_grad)
+        return loss, list(grads), d_emb
+    if name == "triton":
+        from ddfast.kernels import attention_match as triton_attention_match
+
+        return triton_attention_match.attention_match_forward(
+            real_feats, syn_feats, real_labels, syn_labels, num_classes, p, mode == "spatial",
+            layer_weights, real_emb, syn_emb, emb_weight, with_grad)
     loss, grads, d_emb = ref.attention_match_and_grad(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights,
                                                       real_emb, syn_emb, emb_weight)
     if not with_grad:
