@@ -21,7 +21,8 @@ from ddfast import __version__, backend, data, io
 from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.utils import atomic_write_text, seed_everything
 
-METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm"}
+METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
+           "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m"}
 
 
 def _method(name: str) -> Any:
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-baseline", action="store_true",
         help="do not evaluate the random real subset labelled by the same teachers (methods with soft labels "
-        "evaluate it under the same protocol by default and save it as OUT/random-baseline.pt)",
+        "evaluate it under the same protocol by default and save it as OUT/random-baseline.pt; d2m: the pretrained "
+        "generator sampled with the same latents, OUT/pretrained-generator-baseline.pt)",
     )
     evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
     add_protocol_arguments(evaluation, prefix="eval-")
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default from --preset: 20000 for default, all for paper)")
     shared.add_argument("--alpha", type=float, default=None,
                         help="gvbsm/sre2l: EMA factor of the SDS matching (gvbsm 0.8, sre2l 0); apm: weight α of the teacher CE term (0.1)")
+    shared.add_argument("--net-width", type=int, default=None,
+                        help="apm: width of the teacher and student ConvNet-D3; datadam/d2m: width of the matching ConvNets "
+                        "(default from --preset: 128 paper)")
+    shared.add_argument("--lr-img", type=float, default=None,
+                        help="apm: SGD learning rate γ on the images (momentum 0.5, ×0.3 at R/2; default from --preset: paper 1 "
+                        "(official), default 0.01·B, i.e. a per-image step γ/B = 0.01 whatever the IPC, since the 1/B weighting of "
+                        "L_u makes γ scale with B); datadam: SGD learning rate on the pixels (momentum 0.5; default 1, the official code)")
     for module in dict.fromkeys(METHODS.values()):  # gvbsm and sre2l share one module and its options
         names = "/".join(n for n, m in METHODS.items() if m == module)
         importlib.import_module(module).add_arguments(parser.add_argument_group(f"--method {names}"))
@@ -103,8 +112,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     io.save(out / "distilled.pt", result.images, result.labels, result.soft_labels, meta)
     io.save_grid(out / "grid.png", result.images, result.labels, dataset.mean, dataset.std, dataset.num_classes)
     if result.baseline is not None:
-        io.save(out / "random-baseline.pt", result.baseline.images, result.baseline.labels, result.baseline.soft_labels,
-                {**meta, "method": "random", "labelled_by": args.method})
+        base_file = result.baseline_name.replace(" ", "-") + "-baseline.pt"
+        io.save(out / base_file, result.baseline.images, result.baseline.labels, result.baseline.soft_labels,
+                {**meta, "method": result.baseline_name, "labelled_by": args.method})
     stats = dict(result.stats)
     recover_peak = stats.pop("recover_peak_mem_mb", None)
     report: dict[str, Any] = {
@@ -137,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base = result.baseline
             report["baseline"] = evaluate_synset(base.images, base.labels, dataset, soft_labels=base.soft_labels, seed=args.seed,
                                                  teachers=base.teachers, random_subsets=fkd, **protocol)
-            rows.append({"method": "random (same teachers)", "ipc": args.ipc, **report["baseline"]})
+            name = "random (same teachers)" if result.baseline_name == "random" and base.soft_labels is not None else result.baseline_name
+            rows.append({"method": name, "ipc": args.ipc, **report["baseline"]})
             if with_hard and not fkd:  # fkd's baseline draws fresh subsets; the DC row of one subset adds little there
                 report["baseline_hard_labels"] = evaluate_synset(base.images, base.labels, dataset, seed=args.seed, **hard_protocol)
                 rows.append({"method": "random", "ipc": args.ipc, **report["baseline_hard_labels"]})

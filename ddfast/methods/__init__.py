@@ -17,6 +17,8 @@ class DistillResult:
     # The random real subset of the same IPC, labelled the way this method labels (same teachers):
     # the baseline "under the same protocol", evaluated and saved beside the distilled set.
     baseline: DistillResult | None = None
+    # What the baseline is: "random" (the random real subset) or e.g. "pretrained generator" (D2M).
+    baseline_name: str = "random"
     # The teacher pool that labels this set (``ddfast.train.teacher_spec`` dicts): the relabel
     # ("fkd") evaluation recipe rebuilds it from the teacher cache.
     teachers: list[dict[str, Any]] | None = None

@@ -58,18 +58,15 @@ PRESETS = {
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """apm options; --preset, --iterations (rounds R), --teacher-epochs, --teacher-images and --alpha are shared (ddfast.distill)."""
+    """apm options; --preset, --iterations (rounds R), --teacher-epochs, --teacher-images, --alpha, --net-width and --lr-img
+    are shared (ddfast.distill)."""
     group.add_argument("--teachers", type=int, default=None, help="teacher pool size (default from --preset: 100 paper)")
-    group.add_argument("--net-width", type=int, default=None, help="width of the teacher and student ConvNet-D3 (default from --preset: 128 paper)")
     group.add_argument("--student-epochs", type=int, default=None, help="epochs E of every student (default from --preset: 250 paper)")
     group.add_argument("--checkpoints", type=int, default=5, help="student checkpoints K kept after epochs round(jE/K) (5)")
     group.add_argument("--mid-gap", type=int, default=None, help="rounds between student retrains minus one (default from --preset: 2)")
     group.add_argument("--apm-distance", choices=("l1", "log"), default="l1",
                        help="φ of the checkpoint distance: l1 = −L1/C (the official code, default), log = −log(L1 + ε) (the paper)")
     group.add_argument("--apm-eps", type=float, default=1e-8, help="ε of --apm-distance log (1e-8)")
-    group.add_argument("--lr-img", type=float, default=None,
-                       help="SGD learning rate γ on the images (momentum 0.5, ×0.3 at R/2); default from --preset: paper 1 (official), "
-                       "default 0.01·B, i.e. a per-image step γ/B = 0.01 whatever the IPC (the 1/B weighting of L_u makes γ scale with B)")
     group.add_argument("--lr-net", type=float, default=0.02, help="student SGD learning rate (0.02, the CIFAR-10 script)")
     group.add_argument("--checkpoint-eval", choices=CHECKPOINT_EVAL, default="auto",
                        help="how the K checkpoints run in the image update: vmap over stacked parameters or a loop "

@@ -1,0 +1,228 @@
+"""Class-conditional generators: architectures, GAN pretraining (cached, resumable), the generator file
+and sampling a distilled set of any IPC from it.
+
+``dcgan`` is the small DCGAN-style pair of the D2M CPU preset (specs/d2m-datadam-k2.md §5): the generator
+maps z ∈ R^z_dim ⊕ one-hot(y) through FC → [2w, s/4, s/4] → BN, ReLU → ConvT 4×4/2 → [w, s/2, s/2] →
+BN, ReLU → ConvT 4×4/2 → [C, s, s] → tanh; the discriminator is Conv 4×4/2 (w) → LeakyReLU(0.2) →
+Conv 4×4/2 (2w) → BN → LeakyReLU(0.2) with a real/fake head and a class head (AC-GAN). Pretraining uses the
+non-saturating GAN loss plus the AC-GAN class loss on both sides, Adam 2e-4, β = (0.5, 0.999).
+
+A generator file (``save``/``load``) holds the architecture name, its keyword arguments, the state dict and
+plain metadata, written by ``torch.save`` and read with ``torch.load(weights_only=True)``: loading never
+runs code from the file. Images come out as tanh values, mapped (x+1)/2 into [0, 1] and then into the
+dataset's normalisation, the pipeline every consumer (distillation, ``ddfast.generate``) shares.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddfast import data
+from ddfast._version import __version__
+from ddfast.io import _check_plain
+from ddfast.utils import atomic_torch_save, cache_dir, progress
+
+FORMAT = "ddfast-generator"
+FORMAT_VERSION = 1
+
+Tensor = torch.Tensor
+
+
+class ConditionalGenerator(nn.Module):
+    """DCGAN-style class-conditional generator for s×s images, s divisible by 4 (28 and 32 px)."""
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, z_dim: int = 100, width: int = 64) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        self.num_classes, self.z_dim, self.base = num_classes, z_dim, image_size // 4
+        self.fc = nn.Linear(z_dim + num_classes, 2 * width * self.base * self.base)
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh(),
+        )
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        h = self.fc(torch.cat([z, F.one_hot(y.long(), self.num_classes).to(z.dtype)], 1))
+        return self.net(h.view(z.shape[0], -1, self.base, self.base))
+
+
+class ConditionalDiscriminator(nn.Module):
+    """AC-GAN discriminator: (real/fake logit [N], class logits [N, K])."""
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, width: int = 64) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )
+        dim = 2 * width * (image_size // 4) ** 2
+        self.adv = nn.Linear(dim, 1)
+        self.cls = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)
+        return self.adv(h).squeeze(1), self.cls(h)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dcgan": ConditionalGenerator}
+
+
+def create(arch: str, **kwargs: Any) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown generator architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch](**kwargs)
+
+
+def save(path: str | os.PathLike, generator: nn.Module, arch: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write a generator file atomically (state dict + architecture + plain metadata)."""
+    meta = {**meta, "ddfast_version": __version__}
+    _check_plain(meta, "meta")
+    _check_plain(kwargs, "kwargs")
+    atomic_torch_save({"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "kwargs": kwargs,
+                       "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()}, "meta": meta}, path)
+
+
+def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """(generator in eval mode, metadata) from a generator file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no generator at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the restricted unpickler refuses code and corrupt files alike
+        raise ValueError(f"{path} is not a readable ddfast generator: {err}") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ddfast generator (missing format tag {FORMAT!r})")
+    if blob.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} uses format version {blob['format_version']}; this ddfast reads up to {FORMAT_VERSION}")
+    generator = create(blob["arch"], **blob["kwargs"])
+    generator.load_state_dict(blob["state_dict"])
+    return generator.eval(), blob["meta"]
+
+
+def to_dataset_space(x: Tensor, mean: Any, std: Any) -> Tensor:
+    """tanh output in [−1, 1] → (x+1)/2 in [0, 1] → the dataset's normalisation (DiM validate.py's pipeline)."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return ((x + 1) / 2 - m) / s
+
+
+def sample_latents(num_classes: int, ipc: int, z_dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(z [K·ipc, z_dim] ~ N(0, I), labels class-major) from ``seed``: the same draw for every generator."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_classes * ipc, z_dim, generator=gen)
+    return z, torch.arange(num_classes).repeat_interleave(ipc)
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, num_classes: int, ipc: int, seed: int, mean: Any, std: Any, batch_size: int = 500) -> tuple[Tensor, Tensor]:
+    """A fixed distilled set: exactly ``ipc`` images per class, normalised, with hard labels (eval mode:
+    batch norm uses its running statistics, so an image does not depend on the others drawn with it)."""
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    z, y = sample_latents(num_classes, ipc, generator.z_dim, seed)
+    was_training = generator.training
+    generator.eval()
+    images = torch.cat([generator(z[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+    generator.train(was_training)
+    return to_dataset_space(images, mean, std), y
+
+
+# ----------------------------------------------------------------------------- GAN pretraining
+
+
+@dataclasses.dataclass(frozen=True)
+class GANConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    width: int = 64
+    z_dim: int = 100
+    train_images: int = 0  # 0 = all
+    seed: int = 0
+
+    def kwargs(self, dataset: data.Dataset) -> dict[str, Any]:
+        return {"num_classes": dataset.num_classes, "channels": dataset.channels, "image_size": dataset.image_size[0],
+                "z_dim": self.z_dim, "width": self.width}
+
+
+def pretrained_path(dataset: data.Dataset, config: GANConfig) -> Path:
+    name = f"dcgan-w{config.width}-z{config.z_dim}-e{config.epochs}-b{config.batch_size}-lr{config.lr:g}-s{config.seed}"
+    if config.train_images:
+        name += f"-n{config.train_images}"
+    return cache_dir() / "generators" / dataset.name / f"{name}.pt"
+
+
+def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]:
+    """Train (or load from the cache) the conditional GAN; checkpointed every epoch, so a killed run
+    re-run with the same arguments resumes and ends with the same weights. Returns (generator, path)."""
+    if dataset.image_size[0] != dataset.image_size[1] or dataset.image_size[0] % 4:
+        raise ValueError(f"the dcgan generator needs square images with a side divisible by 4, got {dataset.image_size}")
+    path = pretrained_path(dataset, config)
+    if path.is_file():
+        return load(path)[0], path
+    kwargs = config.kwargs(dataset)
+    torch.manual_seed(config.seed)
+    g = create("dcgan", **kwargs)
+    d = ConditionalDiscriminator(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
+    opt_g = torch.optim.Adam(g.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(d.parameters(), lr=config.lr, betas=config.betas)
+    gen = torch.Generator().manual_seed(config.seed)
+    images, labels = dataset.train_images, dataset.train_labels
+    if config.train_images:
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:config.train_images]
+        images, labels = images[keep], labels[keep]
+    real_all = images * 2 - 1  # the generator's tanh range
+    partial = path.with_suffix(".partial.pt")
+    start = 0
+    if partial.is_file():
+        blob = torch.load(partial, map_location="cpu", weights_only=True)
+        g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
+        opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+        gen.set_state(blob["rng"])
+        start = blob["epoch"]
+    n = len(labels)
+    steps = n // config.batch_size  # drop the last partial batch (batch norm)
+    bar = progress(total=config.epochs * steps, initial=start * steps, desc=f"GAN pretraining ({dataset.name})", unit="step")
+    g.train(), d.train()
+    for epoch in range(start, config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for step in range(steps):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            real, y = real_all[idx], labels[idx]
+            z = torch.randn(len(idx), config.z_dim, generator=gen)
+            y_fake = torch.randint(dataset.num_classes, (len(idx),), generator=gen)
+            fake = g(z, y_fake)
+            adv_r, cls_r = d(real)
+            adv_f, cls_f = d(fake.detach())
+            loss_d = (F.binary_cross_entropy_with_logits(adv_r, torch.ones_like(adv_r))
+                      + F.binary_cross_entropy_with_logits(adv_f, torch.zeros_like(adv_f))
+                      + F.cross_entropy(cls_r, y) + F.cross_entropy(cls_f, y_fake))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            adv_f, cls_f = d(fake)
+            loss_g = F.binary_cross_entropy_with_logits(adv_f, torch.ones_like(adv_f)) + F.cross_entropy(cls_f, y_fake)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            bar.update()
+            if step % 20 == 0:
+                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d):.3f}", loss_g=f"{float(loss_g):.3f}")
+        atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                           "rng": gen.get_state(), "epoch": epoch + 1}, partial)
+    bar.close()
+    save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config),
+                                    "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
+    partial.unlink(missing_ok=True)
+    return g.eval(), path

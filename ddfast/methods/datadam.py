@@ -1,0 +1,229 @@
+"""DataDAM — dataset distillation by attention matching (Sajedi, Khaki et al., ICCV 2023).
+
+Learnable pixels, initialised from real images. Every iteration a freshly initialised ConvNet-D3 sees
+``batch_real`` real images per class and all synthetic images, each class through one siamese DSA draw
+(same parameters for both sides), and the pixels take one SGD step (lr 1, momentum 0.5) on
+
+    L = Σ_{l<D} 100·Σ_k ‖mean_{R_k} â_l − mean_{S_k} â_l‖² + 1·Σ_k ‖mean_{R_k} e − mean_{S_k} e‖²
+
+with â the L2-normalised spatial attention map Σ_c |f|^p (p = 1) of the ReLU outputs of blocks 1..D−1 and
+e the flattened final features (``DataDistillation/DataDAM`` main_DataDAM.py:232-317, utils.py:17-50).
+The loss runs through kernel K2 (``ddfast.ops.attention_match``): one batched call for all layers and
+classes instead of the official per-layer ``.cpu()`` round trips, activations taken from the forward
+itself instead of cloning hooks, the real forward under ``no_grad``.
+
+The official ``get_network('ConvNet')`` builds the ConvNet with **batch** norm in train mode (utils.py:272;
+the paper says instance norm): that is the default (``--match-norm``). Batch norm couples the samples
+of a forward, so ``--segment`` (exact two-pass, ``ddfast.matching.segmented_backward``) needs
+``--match-norm instancenorm``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddfast import augment, data, models
+from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
+from ddfast.methods import DistillResult
+from ddfast.methods.random import select as class_balanced_subset
+from ddfast.reference.attention_match import MODES
+from ddfast.utils import atomic_torch_save, progress
+
+NAME = "datadam"
+MODEL = "convnet"
+NORMS = ("batchnorm", "instancenorm")
+
+PRESETS = {
+    # paper: the official code's defaults (main_DataDAM.py:26-37).
+    "paper": {"iterations": 20000, "batch_real": 64, "net_width": 128},
+    # default: sized for 2 CPU cores (README "DataDAM and D2M presets").
+    "default": {"iterations": 400, "batch_real": 32, "net_width": 64},
+}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """datadam options; --preset, --iterations, --net-width and --lr-img are shared (ddfast.distill)."""
+    group.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration (default from --preset: 64 paper)")
+    group.add_argument("--att-power", type=float, default=None,
+                       help="p of the attention map Σ|f|^p (datadam: 1, the official code; d2m: 4, the DataDAM paper's value)")
+    group.add_argument("--att-mode", choices=MODES, default="spatial", help="attention map over positions (spatial, default) or channels")
+    group.add_argument("--layer-weight", type=float, default=100.0, help="weight of every attention layer (100, the official code)")
+    group.add_argument("--emb-weight", type=float, default=1.0, help="weight of the final-embedding term (1 = 100 · task_balance 0.01)")
+    group.add_argument("--match-norm", choices=NORMS, default=None,
+                       help="normalisation of the matching ConvNets (datadam: batchnorm in train mode, the official code; "
+                       "d2m: instancenorm, the paper)")
+    group.add_argument("--init", choices=("real", "noise"), default="real", help="datadam: initialise the pixels from real images (default) or N(0, 1)")
+
+
+@dataclasses.dataclass
+class Config:
+    ipc: int
+    iterations: int
+    batch_real: int
+    net_width: int
+    norm: str
+    lr_img: float
+    momentum: float
+    init: str
+    match: dict[str, Any]
+    segment: int
+    seed: int
+
+    @property
+    def match_config(self) -> MatchConfig:
+        return MatchConfig(**self.match)
+
+
+def resolve_match(args: argparse.Namespace, power: float) -> MatchConfig:
+    match = MatchConfig(power=power if args.att_power is None else args.att_power, mode=args.att_mode,
+                        layer_weight=args.layer_weight, emb_weight=args.emb_weight)
+    if not match.power > 0:
+        raise ValueError(f"--att-power must be > 0, got {match.power}")
+    if match.layer_weight < 0 or match.emb_weight < 0:
+        raise ValueError("--layer-weight and --emb-weight must be >= 0")
+    return match
+
+
+def check_segment(segment: int, norm: str) -> None:
+    if segment and norm == "batchnorm":
+        raise ValueError("--segment needs --match-norm instancenorm: batch norm in train mode normalises over the whole batch, "
+                         "so running it a segment at a time would change the loss")
+
+
+def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
+    """Fill preset defaults and reject bad arguments before any work starts."""
+    preset = PRESETS[args.preset]
+    pick = lambda value, key: preset[key] if value is None else value  # noqa: E731
+    config = Config(
+        ipc=args.ipc, iterations=pick(args.iterations, "iterations"), batch_real=pick(args.batch_real, "batch_real"),
+        net_width=pick(args.net_width, "net_width"), norm=args.match_norm or "batchnorm",
+        lr_img=1.0 if args.lr_img is None else args.lr_img, momentum=0.5, init=args.init,
+        match=dataclasses.asdict(resolve_match(args, 1.0)), segment=args.segment, seed=args.seed,
+    )
+    for field in ("iterations", "batch_real", "net_width"):
+        if getattr(config, field) < 1:
+            raise ValueError(f"--{field.replace('_', '-')} must be >= 1, got {getattr(config, field)}")
+    if config.lr_img <= 0:
+        raise ValueError(f"--lr-img must be > 0, got {config.lr_img}")
+    counts = torch.bincount(dataset.train_labels, minlength=dataset.num_classes)
+    if int(counts.min()) < max(config.batch_real, config.ipc):
+        raise ValueError(f"the smallest class has {int(counts.min())} training images: fewer than --batch-real "
+                         f"({config.batch_real}) or --ipc ({config.ipc})")
+    check_segment(config.segment, config.norm)
+    return config
+
+
+def matching_net(dataset: data.Dataset, width: int, norm: str, gen: torch.Generator) -> torch.nn.Module:
+    """A freshly initialised, frozen ConvNet-D3 (train mode: batch norm uses batch statistics, as the
+    official loop's ``net.train()``); its init is drawn from ``gen`` so a resumed run rebuilds it."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    net = models.create(MODEL, dataset.channels, dataset.num_classes, dataset.image_size, width=width, norm=norm)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.train()
+
+
+def siamese_dsa(real: torch.Tensor, syn: torch.Tensor, real_labels: torch.Tensor, syn_labels: torch.Tensor, num_classes: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DSA draw per class shared by its real and synthetic images (DataDAM main:276-280), both
+    sides returned in their input order."""
+    out_r = torch.empty_like(real)
+    parts = []
+    for k in range(num_classes):
+        ir, is_ = (real_labels == k).nonzero().flatten(), (syn_labels == k).nonzero().flatten()
+        seed = int(torch.randint(2**62, (1,), generator=gen))
+        out_r[ir] = augment.dsa(real[ir], generator=torch.Generator().manual_seed(seed))
+        parts.append((is_, augment.dsa(syn[is_], generator=torch.Generator().manual_seed(seed))))
+    order = torch.cat([i for i, _ in parts])
+    syn_aug = torch.cat([x for _, x in parts])[torch.argsort(order)]
+    return out_r, syn_aug
+
+
+def _iteration_rng(config: Config, it: int) -> torch.Generator:
+    """Everything random in iteration ``it`` (network init, real batch, DSA) comes from here, so a
+    resumed run retraces the same iterations."""
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + it)
+
+
+def real_batch(dataset: data.Dataset, per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` random real images of every class, class-major (DataDAM's get_images per class)."""
+    idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, per_class, int(torch.randint(2**31, (1,), generator=gen)))
+    return dataset.normalize(dataset.train_images[idx]), dataset.train_labels[idx]
+
+
+def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, config: Config, it: int) -> tuple[torch.Tensor, float]:
+    """(∂L/∂u, L) of iteration ``it``."""
+    gen = _iteration_rng(config, it)
+    net = matching_net(dataset, config.net_width, config.norm, gen)
+    xr, yr = real_batch(dataset, config.batch_real, gen)
+    leaf = u.detach().requires_grad_(True)
+    xr, xs = siamese_dsa(xr, leaf, yr, y, dataset.num_classes, gen)
+    cfg = config.match_config
+    if config.segment:
+        loss, grad_xs = segmented_backward(net, xr, yr, xs, y, dataset.num_classes, cfg, config.segment)
+        xs.backward(grad_xs)
+        return leaf.grad, loss
+    with torch.no_grad():
+        real = network_outputs(net, xr)
+    loss = match_loss(real, network_outputs(net, xs), yr, y, dataset.num_classes, cfg)
+    loss.backward()
+    return leaf.grad, float(loss.detach())
+
+
+def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, config.ipc, config.seed)
+    labels = dataset.train_labels[idx].clone()
+    if config.init == "noise":
+        gen = torch.Generator().manual_seed(config.seed)
+        return torch.randn(len(idx), *dataset.train_images.shape[1:], generator=gen), labels
+    return dataset.normalize(dataset.train_images[idx]).clone(), labels
+
+
+def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
+    config = resolve_config(args, dataset)
+    print(_describe(config, args.preset))
+    ckpt_path = Path(args.out_dir) / "checkpoint" / "datadam.pt"
+    u, y = _init_images(dataset, config)
+    optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.momentum)
+    first, seconds = 0, 0.0
+    if ckpt_path.is_file():  # an earlier, interrupted run with the same arguments
+        blob = torch.load(ckpt_path, weights_only=True)
+        if blob["config"] != dataclasses.asdict(config):
+            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
+        with torch.no_grad():
+            u.copy_(blob["images"])
+        optimizer.load_state_dict(blob["optimizer"])
+        first, seconds = blob["iteration"], blob["seconds"]
+        print(f"resuming from iteration {first} of {config.iterations} ({ckpt_path})")
+    bar = progress(total=config.iterations, initial=first, desc=f"datadam IPC {config.ipc}", unit="it")
+    for it in range(first, config.iterations):
+        t0 = time.time()
+        grad, loss = image_gradient(u, y, dataset, config, it)
+        u.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.time() - t0
+        atomic_torch_save({"images": u.detach(), "optimizer": optimizer.state_dict(), "iteration": it + 1, "seconds": seconds,
+                           "config": dataclasses.asdict(config)}, ckpt_path)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    done = config.iterations - first
+    stats = {"seconds_per_iteration": seconds / config.iterations if config.iterations else None,
+             "iterations_this_process": done, "method_config": dataclasses.asdict(config)}
+    return DistillResult(images=u.detach().clone(), labels=y, stats=stats)
+
+
+def _describe(config: Config, preset: str) -> str:
+    m = config.match_config
+    return (
+        f"datadam ({preset} preset): {config.iterations} iterations, a fresh ConvNet-D3 w{config.net_width} ({config.norm}) per "
+        f"iteration, {config.batch_real} real images per class, pixels from {config.init}, SGD lr {config.lr_img:g} momentum "
+        f"{config.momentum:g}; attention p = {m.power:g} ({m.mode}), {m.layer_weight:g} per layer, embedding weight "
+        f"{m.emb_weight:g}; segment {config.segment or 'off'}"
+    )
