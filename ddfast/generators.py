@@ -218,7 +218,7 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
             opt_g.step()
             bar.update()
             if step % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d):.3f}", loss_g=f"{float(loss_g):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d.detach()):.3f}", loss_g=f"{float(loss_g.detach()):.3f}")
         atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                            "rng": gen.get_state(), "epoch": epoch + 1}, partial)
     bar.close()

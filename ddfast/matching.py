@@ -63,8 +63,8 @@ def network_outputs(net: nn.Module, x: Tensor) -> Outputs:
 def _prediction_term(real_logits: Tensor, syn_logits: Tensor, real_labels: Tensor, syn_labels: Tensor, num_classes: int,
                      temperature: float) -> Tensor:
     """Σ_k KL(σ(m^R_k/T) ‖ σ(m^S_k/T)) over the classes present on both sides (real side constant)."""
-    mr, nr = class_means(real_logits.detach().float(), real_labels, num_classes)
-    ms, ns = class_means(syn_logits.float(), syn_labels, num_classes)
+    mr, nr = class_means(real_logits.detach().double(), real_labels, num_classes)
+    ms, ns = class_means(syn_logits.double(), syn_labels, num_classes)
     both = (nr > 0) & (ns > 0)
     log_p = F.log_softmax(mr[both] / temperature, dim=1)
     log_q = F.log_softmax(ms[both] / temperature, dim=1)
@@ -77,7 +77,8 @@ def match_loss(real: Outputs, syn: Outputs, real_labels: Tensor, syn_labels: Ten
     loss = attention_match(real.acts[:layers], syn.acts[:layers], real_labels, syn_labels, cfg.power, cfg.mode,
                            [cfg.layer_weight] * layers, real.emb, syn.emb, cfg.emb_weight)
     if cfg.pm_weight:
-        loss = loss + cfg.pm_weight * _prediction_term(real.logits, syn.logits, real_labels, syn_labels, num_classes, cfg.temperature)
+        term = _prediction_term(real.logits, syn.logits, real_labels, syn_labels, num_classes, cfg.temperature)
+        loss = loss + cfg.pm_weight * term.to(loss.dtype)
     return loss
 
 
