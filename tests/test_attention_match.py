@@ -139,3 +139,22 @@ def test_op_equals_datadam_official_loss(exp):
     assert_close(loss, expected.detach(), atol=1e-12, rtol=1e-10, name="loss")
     for g, e in zip(grads, grads_expected):
         assert_close(g, e, atol=1e-10, rtol=1e-9, name="grad")
+
+
+def test_op_with_the_embedding_only_traces_and_keeps_float64():
+    """No attention layers: the op (eager and under torch.compile) is the embedding term alone."""
+    from ddfast.backend import use_backend
+    from ddfast.ops.attention_match import attention_match as op
+
+    gen = torch.Generator().manual_seed(11)
+    yr, ys = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 0, 0])
+    er = torch.randn(4, 5, generator=gen, dtype=F64)
+    es = torch.randn(3, 5, generator=gen, dtype=F64, requires_grad=True)
+    expected = _loop_oracle([], [], yr, ys, 1.0, "spatial", [], er, es, 2.0)
+    with use_backend("reference"):
+        loss = op([], [], yr, ys, emb_weight=2.0, real_emb=er, syn_emb=es)
+        compiled = torch.compile(lambda e: op([], [], yr, ys, emb_weight=2.0, real_emb=er, syn_emb=e), fullgraph=True)(es)
+    assert loss.dtype == F64 and compiled.dtype == F64
+    assert_close(loss.detach(), expected.detach(), atol=1e-14, rtol=1e-12, name="loss")
+    assert_close(compiled.detach(), expected.detach(), atol=1e-14, rtol=1e-12, name="compiled")
+    assert_close(torch.autograd.grad(loss, es)[0], torch.autograd.grad(expected, es)[0], atol=1e-14, rtol=1e-12, name="grad")

@@ -62,8 +62,8 @@ def attention_match_forward(
 
 @attention_match_forward.register_fake
 def _(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, real_emb, syn_emb, emb_weight, with_grad):
-    dtype = ref.compute_dtype(syn_feats[0])
-    loss = syn_feats[0].new_empty((), dtype=dtype)
+    probe = syn_feats[0] if syn_feats else (syn_emb if syn_emb is not None else real_labels)
+    loss = probe.new_empty((), dtype=ref.loss_dtype(syn_feats, syn_emb))
     grads = [torch.empty_like(f, memory_format=torch.contiguous_format) if with_grad else f.new_empty(0) for f in syn_feats]
     d_emb = torch.empty_like(syn_emb) if (with_grad and syn_emb is not None and real_emb is not None) else loss.new_empty(0)
     return loss, grads, d_emb
@@ -72,6 +72,7 @@ def _(real_feats, syn_feats, real_labels, syn_labels, p, mode, layer_weights, re
 def _setup_context(ctx, inputs, output) -> None:
     ctx.with_grad = inputs[-1]
     ctx.num_layers = len(inputs[1])
+    ctx.no_weights = len(inputs[6]) == 0
     ctx.has_emb = inputs[7] is not None and inputs[8] is not None
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[1], output[2])
@@ -85,7 +86,9 @@ def _backward(ctx, g_loss, g_grads, g_emb):
     nones = [None] * ctx.num_layers  # the backward mirrors the tensor-list inputs
     d_syn = nones if g_loss is None else [scale(g) for g in grads]
     d_e = scale(d_emb) if (g_loss is not None and ctx.has_emb) else None
-    return nones, d_syn, None, None, None, None, None, None, d_e, None, None
+    # an empty layer_weights list is a (leafless) list in the input structure, a non-empty one a leaf
+    d_weights = [] if ctx.no_weights else None
+    return nones, d_syn, None, None, None, None, d_weights, None, d_e, None, None
 
 
 torch.library.register_autograd("ddfast::attention_match_forward", _backward, setup_context=_setup_context)

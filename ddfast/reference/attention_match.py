@@ -28,6 +28,12 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def loss_dtype(syn_feats: Sequence[Tensor], syn_emb: Tensor | None) -> torch.dtype:
+    """float64 when the synthetic side (its first layer, or its embedding without layers) is float64."""
+    probe = syn_feats[0] if len(syn_feats) else syn_emb
+    return compute_dtype(probe) if probe is not None else torch.float32
+
+
 def _reduce_dim(mode: str) -> int:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -78,7 +84,7 @@ def attention_match(
     _check(real_feats, syn_feats, real_labels, syn_labels, layer_weights, p)
     num_classes = _num_classes(real_labels, syn_labels)
     weights = layer_weights if layer_weights is not None else [1.0] * len(syn_feats)
-    dtype = compute_dtype(syn_feats[0]) if syn_feats else torch.float32
+    dtype = loss_dtype(syn_feats, syn_emb)
     loss = torch.zeros((), dtype=dtype)
     both = None
     for fr, fs, w in zip(real_feats, syn_feats, weights):
@@ -103,7 +109,7 @@ def attention_match_and_grad(
     _check(real_feats, syn_feats, real_labels, syn_labels, layer_weights, p)
     num_classes = _num_classes(real_labels, syn_labels)
     weights = layer_weights if layer_weights is not None else [1.0] * len(syn_feats)
-    dtype = compute_dtype(syn_feats[0]) if syn_feats else torch.float32
+    dtype = loss_dtype(syn_feats, syn_emb)
     loss = torch.zeros((), dtype=dtype)
     grads = []
     ys = syn_labels.long()
