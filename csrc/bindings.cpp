@@ -25,4 +25,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("buffer_cache_held", &ddfast::buffer_cache_held, "Bytes of free buffers the cache keeps now");
   { void ddfast_register_densify(pybind11::module_&); ddfast_register_densify(m); }  // K3 densify_forward, jacobi_eigh (csrc/densify.cpp)
   { void ddfast_register_apm_loss(pybind11::module_&); ddfast_register_apm_loss(m); }  // K4 apm_loss_forward (csrc/apm_loss.cpp)
+  { void ddfast_register_attention_match(pybind11::module_&); ddfast_register_attention_match(m); }  // K2 attention_match_forward (csrc/attention_match.cpp)
 }
