@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ddfast import backend
+from ddfast.ops._autograd import scale_by_cotangent
 from ddfast.reference import apm_loss as ref
 
 Tensor = torch.Tensor
@@ -67,10 +68,7 @@ def _backward(ctx, g_loss: Tensor | None, g_grad: Tensor | None):
     nones = (None,) * 6
     if g_loss is None:
         return (None, *nones)
-    # loss.backward() on a real CPU tensor (not a tracing fake): the precomputed gradient as it is, no copy
-    if type(g_loss) is torch.Tensor and g_loss.device.type == "cpu" and not g_loss.requires_grad and float(g_loss) == 1.0:
-        return (grad, *nones)
-    return (grad * g_loss.to(grad.dtype), *nones)
+    return (scale_by_cotangent(grad, g_loss), *nones)
 
 
 torch.library.register_autograd("ddfast::apm_loss_forward", _backward, setup_context=_setup_context)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from ddfast import backend
+from ddfast.ops._autograd import scale_by_cotangent
 from ddfast.reference import attention_match as ref
 
 Tensor = torch.Tensor
@@ -82,10 +83,9 @@ def _backward(ctx, g_loss, g_grads, g_emb):
     if not ctx.with_grad:
         raise RuntimeError("attention_match_forward was called with with_grad=False; it cannot be differentiated")
     *grads, d_emb = ctx.saved_tensors
-    scale = (lambda g: g) if g_loss is None else (lambda g: g * g_loss.to(g.dtype))  # noqa: E731
     nones = [None] * ctx.num_layers  # the backward mirrors the tensor-list inputs
-    d_syn = nones if g_loss is None else [scale(g) for g in grads]
-    d_e = scale(d_emb) if (g_loss is not None and ctx.has_emb) else None
+    d_syn = nones if g_loss is None else [scale_by_cotangent(g, g_loss) for g in grads]
+    d_e = scale_by_cotangent(d_emb, g_loss) if (g_loss is not None and ctx.has_emb) else None
     # an empty layer_weights list is a (leafless) list in the input structure, a non-empty one a leaf
     d_weights = [] if ctx.no_weights else None
     return nones, d_syn, None, None, None, None, d_weights, None, d_e, None, None
