@@ -1,6 +1,7 @@
 """Class-conditional generators: architectures, GAN pretraining (cached, resumable), the generator file
 and sampling a distilled set of any IPC from it.
 
+``dim`` is DiM's generator (with :class:`DiMCritic`, its WGAN-GP critic; trained by ``ddfast.methods.dim``).
 ``dcgan`` is the small DCGAN-style pair of the D2M CPU preset (specs/d2m-datadam-k2.md §5): the generator
 maps z ∈ R^z_dim ⊕ one-hot(y) through FC → [2w, s/4, s/4] → BN, ReLU → ConvT 4×4/2 → [w, s/2, s/2] →
 BN, ReLU → ConvT 4×4/2 → [C, s, s] → tanh; the discriminator is Conv 4×4/2 (w) → LeakyReLU(0.2) →
@@ -73,7 +74,75 @@ class ConditionalDiscriminator(nn.Module):
         return self.adv(h).squeeze(1), self.cls(h)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dcgan": ConditionalGenerator}
+def _check_dim_size(image_size: int) -> None:
+    if image_size not in (28, 32):
+        raise ValueError(f"DiM's generator and critic are defined for 28 and 32 px images, got {image_size}")
+
+
+class DiMGenerator(nn.Module):
+    """DiM's generator (vimar-gu/DiM gan_model.py:135-261, from GANs-on-CIFAR10): u ∈ R^z_dim → FC → BN1d,
+    ReLU → [w, 4, 4] → ConvT (3×3/2 at 28 px, 4×4/2 at 32 px) → 3 × Conv 3×3 → ConvT 4×4/2 → Conv 3×3 →
+    ConvT 4×4/2 → Conv 3×3 → C, tanh; every layer but the last followed by BN2d + ReLU; w = 196 officially.
+
+    Conditioning ``overwrite`` (the code, gen_condense.py:228-231): the first ``num_classes`` entries of z
+    are replaced by one-hot(y), so the FC input stays z_dim; ``concat`` (the paper's Eq. 4): [z ; one-hot(y)]."""
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, z_dim: int = 100, width: int = 196,
+                 cond: str = "overwrite") -> None:
+        super().__init__()
+        _check_dim_size(image_size)
+        if cond not in ("overwrite", "concat"):
+            raise ValueError(f"cond must be 'overwrite' or 'concat', got {cond!r}")
+        if cond == "overwrite" and z_dim < num_classes:
+            raise ValueError(f"overwrite conditioning needs z_dim >= num_classes ({num_classes}), got {z_dim}")
+        self.num_classes, self.z_dim, self.width, self.cond = num_classes, z_dim, width, cond
+        self.fc = nn.Sequential(nn.Linear(z_dim + (num_classes if cond == "concat" else 0), width * 16),
+                                nn.BatchNorm1d(width * 16), nn.ReLU())
+
+        def block(conv: nn.Module) -> list[nn.Module]:
+            return [conv, nn.BatchNorm2d(width), nn.ReLU()]
+
+        first = nn.ConvTranspose2d(width, width, 3 if image_size == 28 else 4, 2, 1)  # 4 → 7 or 8
+        up = lambda: nn.ConvTranspose2d(width, width, 4, 2, 1)  # noqa: E731
+        conv = lambda: nn.Conv2d(width, width, 3, 1, 1)  # noqa: E731
+        self.net = nn.Sequential(*block(first), *block(conv()), *block(conv()), *block(conv()), *block(up()),
+                                 *block(conv()), *block(up()), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
+
+    def condition(self, z: Tensor, y: Tensor) -> Tensor:
+        onehot = F.one_hot(y.long(), self.num_classes).to(z.dtype)
+        if self.cond == "concat":
+            return torch.cat([z, onehot], 1)
+        return torch.cat([onehot, z[:, self.num_classes:]], 1)
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        h = self.fc(self.condition(z, y))
+        return self.net(h.view(z.shape[0], self.width, 4, 4))
+
+
+class DiMCritic(nn.Module):
+    """DiM's critic (gan_model.py:8-132): 8 × [Conv 3×3 → LayerNorm([w, H, W]) (per-position affine) →
+    LeakyReLU(0.01)], stride 2 at convs 2, 4 and 8 (28 → 14 → 7 → 4; 32 → 16 → 8 → 4), max-pool 4 → [w],
+    heads: WGAN score [N] and class logits [N, K] (the official code hard-codes K = 10)."""
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, width: int = 196) -> None:
+        super().__init__()
+        _check_dim_size(image_size)
+        layers: list[nn.Module] = []
+        size, c_in = image_size, channels
+        for stride in (1, 2, 1, 2, 1, 1, 1, 2):
+            size = (size - 1) // stride + 1
+            layers += [nn.Conv2d(c_in, width, 3, stride, 1), nn.LayerNorm([width, size, size]), nn.LeakyReLU(0.01)]
+            c_in = width
+        self.features = nn.Sequential(*layers, nn.MaxPool2d(4, 4), nn.Flatten())
+        self.adv = nn.Linear(width, 1)
+        self.cls = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)
+        return self.adv(h).squeeze(1), self.cls(h)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dcgan": ConditionalGenerator, "dim": DiMGenerator}
 
 
 def create(arch: str, **kwargs: Any) -> nn.Module:

@@ -9,6 +9,7 @@ distribution / feature matching methods need.
 
 * convnet*      channels of every conv layer (default 128)
 * resnet18      stem / first-stage channels, stages are w, 2w, 4w, 8w (default 64)
+* resnet*-dim   stem / first-stage channels, stages are w, 2w, 4w, 8w (default 64, as DiM)
 * mobilenetv2   stem channels, all other layers scaled by width/32 (default 32)
 * shufflenetv2  first-stage channels of the 0.5x config, all layers scaled by width/48 (default 48)
 * wrn-16-2      stem channels, stages are 2w, 4w, 8w (default 16)
@@ -16,19 +17,36 @@ distribution / feature matching methods need.
 
 Only the ConvNet family takes options: ``norm``, ``net_act``, ``pooling``, ``mnist_padding``.
 Activations are never in-place so forward hooks always see unmodified tensors.
+
+``resnet10-dim``, ``resnet18-dim``, ``resnet10ap-dim`` and ``resnet18ap-dim`` reproduce the ResNets of
+DiM's model pool (vimar-gu/DiM ``models/resnet.py`` / ``models/resnet_ap.py``, non-CIFAR branch); they are
+method-specific replicas, so ``available()`` lists them only with ``include_method_models=True``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["create", "available", "ConvNet", "ResNet18", "MobileNetV2", "ShuffleNetV2", "WideResNet", "VGG11"]
+__all__ = [
+    "create",
+    "available",
+    "ConvNet",
+    "ResNet18",
+    "ResNetDiM",
+    "ResNetAPDiM",
+    "MobileNetV2",
+    "ShuffleNetV2",
+    "WideResNet",
+    "VGG11",
+]
 
 
 class _Net(nn.Module):
@@ -165,6 +183,175 @@ class ResNet18(_Net):
         self.features = nn.Sequential(OrderedDict(stages))
         self.classifier = nn.Linear(channels, num_classes)
         _kaiming_init(self)
+
+
+# --------------------------------------------------------------------------- DiM pool ResNets
+# vimar-gu/DiM @ 3657339, models/resnet.py (ResNet) and models/resnet_ap.py (ResNetAP), the branch
+# taken for every non-CIFAR dataset (``dataset.startswith('cifar')`` False, ``size=-1`` => 'large').
+
+
+class _DiMBlock(nn.Module):
+    """BasicBlock of DiM's resnet.py:52-82 (``avg_pool=False``) or resnet_ap.py:78-111 (``avg_pool=True``).
+
+    Submodule names (conv1, bn1, conv2, bn2, downsample.{0,1[,2]}) and their creation / registration
+    order follow the official code, so a seeded init draws the same weights and the official
+    ``state_dict`` loads after the prefix mapping of ``_DiMResNetBase``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, avg_pool: bool, ceil_mode: bool) -> None:
+        super().__init__()
+        # _make_layer builds the shortcut before the block (resnet.py:193-210), so its conv takes its
+        # default-init random numbers first; it is registered last (resnet.py:63).
+        downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            if avg_pool:  # resnet_ap.py:226-233: 1x1 stride-1 conv -> AvgPool(stride) -> BN
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False),
+                    nn.AvgPool2d(stride, stride, ceil_mode=ceil_mode),
+                    nn.BatchNorm2d(out_channels),
+                )
+            else:  # resnet.py:195-202: 1x1 stride-s conv -> BN
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False), nn.BatchNorm2d(out_channels)
+                )
+        # The AP block keeps conv1 at stride 1 and average-pools after its ReLU (resnet_ap.py:83, 99-100).
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1 if avg_pool else stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+        self.stride = stride
+        self.pool_after_conv1 = avg_pool and stride != 1
+        self.ceil_mode = ceil_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        if self.pool_after_conv1:
+            out = F.avg_pool2d(out, self.stride, self.stride, ceil_mode=self.ceil_mode)
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + residual)
+
+
+_DIM_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2)}  # resnet.py:162-170 / resnet_ap.py:194-202 (BasicBlock depths)
+
+
+class _DiMResNetBase(_Net):
+    """Shared layout: ``features`` = layer0 (stem), layer1-4 (w, 2w, 4w, 8w), global average pool;
+    ``classifier`` = the official ``fc``. Official ``state_dict`` keys map as ``layerN.*`` ->
+    ``features.layerN.*`` and ``fc.*`` -> ``classifier.*``.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        num_classes: int,
+        depth: int,
+        width: int,
+        avg_pool: bool,
+        ceil_mode: bool,
+    ) -> None:
+        super().__init__()
+        if depth not in _DIM_BLOCKS:
+            raise ValueError(f"DiM ResNet depth must be one of {sorted(_DIM_BLOCKS)}, got {depth!r}")
+        stages: list[tuple[str, nn.Module]] = [("layer0", stem)]
+        channels = width
+        for i, (blocks, mult) in enumerate(zip(_DIM_BLOCKS[depth], (1, 2, 4, 8)), start=1):
+            out, stride = width * mult, 1 if i == 1 else 2
+            units = [_DiMBlock(channels if j == 0 else out, out, stride if j == 0 else 1, avg_pool, ceil_mode)
+                     for j in range(blocks)]
+            stages.append((f"layer{i}", nn.Sequential(*units)))
+            channels = out
+        # Official forward: F.avg_pool2d(x, x.shape[-1]) (resnet.py:224, resnet_ap.py:256), the same for the
+        # square maps it supports; its registered ``avgpool = AvgPool2d(7)`` is never called and is left out.
+        stages.append(("pool", nn.AdaptiveAvgPool2d(1)))
+        self.features = nn.Sequential(OrderedDict(stages))
+        self.classifier = nn.Linear(channels, num_classes)  # PyTorch default init, as the official fc
+        # resnet.py:184-190 / resnet_ap.py:215-221: N(0, sqrt(2 / (k*k*out))) convs, BN weight 1 / bias 0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+class _DiMStem(nn.Module):
+    """IntroBlock 'large' (conv1 -> bn1 -> relu -> pool); submodule names as the official code."""
+
+    def __init__(self, conv: nn.Conv2d, pool: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = conv
+        self.bn1 = nn.BatchNorm2d(conv.out_channels)
+        self.relu = nn.ReLU()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.relu(self.bn1(self.conv1(x))))
+
+
+class ResNetDiM(_DiMResNetBase):
+    """DiM's ``RN.ResNet(data, depth, num_classes, nch=in_channels)`` for a non-CIFAR dataset
+    (models/resnet.py): ImageNet-style 7x7/2 conv stem + BN + ReLU + 3x3/2 max-pool (resnet.py:25-29),
+    BasicBlock stages of [1,1,1,1] (depth 10) or [2,2,2,2] (depth 18) blocks with w, 2w, 4w, 8w channels,
+    stride-2 3x3 conv + 1x1 stride-2 conv/BN shortcut at stages 2-4, global average pool, fc.
+
+    Differences from the official module, none of which changes the function on square inputs:
+    ``width`` (official: fixed 64) scales all channels; ReLUs are not in-place and the residual sum is
+    out of place; the global pool is ``AdaptiveAvgPool2d(1)`` (official ``avg_pool2d(x, W)``, which
+    equals it on square maps); the unused ``avgpool`` module is absent; modules are nested in
+    ``features`` / ``classifier`` (see ``_DiMResNetBase`` for the key mapping).
+    The official CIFAR branch (3x3 stem, 32-256 channels, (depth-2)/6 blocks) is not implemented.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, depth: int = 18, width: int = 64) -> None:
+        stem = _DiMStem(
+            nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        )
+        super().__init__(stem, num_classes, depth, width, avg_pool=False, ceil_mode=False)
+
+
+def _ap_needs_ceil(image_size: tuple[int, int]) -> bool:
+    """True when the official floor-mode pools would shrink a map to 0: the stem's AvgPool(4) gives
+    s = size // 4 and the three stride-2 pools give s // 8 at layer4, so s < 8 (e.g. 28 px: 7 -> 3 -> 1 -> 0)."""
+    return min(image_size) // 4 < 8
+
+
+class ResNetAPDiM(_DiMResNetBase):
+    """DiM's ``RNAP.ResNetAP(data, depth, num_classes, nch=in_channels)`` for a non-CIFAR dataset
+    (models/resnet_ap.py): stem 7x7 stride-1 conv + BN + ReLU + AvgPool(4, 4) (resnet_ap.py:51-55);
+    BasicBlocks whose stride-2 downsampling is an AvgPool(2, 2) after conv1's ReLU (resnet_ap.py:99-100)
+    and a 1x1 stride-1 conv -> AvgPool(2, 2) -> BN shortcut (resnet_ap.py:226-233); stages w, 2w, 4w, 8w
+    with [1,1,1,1] / [2,2,2,2] blocks; global average pool; fc.
+
+    Documented deviation (spec A6.4): the official model cannot run on 28 px inputs (7x7 after the stem,
+    then 3 -> 1 -> 0 at layer4, which PyTorch rejects). When ``ceil_mode`` is None (default) it is set to
+    True iff ``image_size`` needs it (``min(H, W) // 4 < 8``, i.e. inputs under 32 px); then, and only
+    then, the three stride-2 average pools inside the blocks (resnet_ap.py:100) and the three in the
+    shortcuts (resnet_ap.py:231) use ``ceil_mode=True``: 28 px gives 7 -> 4 -> 2 -> 1, a partial window
+    averaging only the pixels it covers. The stem's AvgPool(4) is unchanged. With ceil_mode False
+    (every input of 32 px or more, where the official model runs) the function is exactly the official
+    one. Other differences as ``ResNetDiM``: ``width`` = ``int(64 * official width)``, out-of-place ReLU
+    and sum, ``AdaptiveAvgPool2d(1)`` global pool, unused ``avgpool`` absent, nesting in ``features``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        depth: int = 18,
+        width: int = 64,
+        ceil_mode: bool | None = None,
+    ) -> None:
+        if min(image_size) < 4:
+            raise ValueError(f"ResNetAP's AvgPool(4) stem needs images of at least 4x4, got {image_size}")
+        ceil = _ap_needs_ceil(image_size) if ceil_mode is None else bool(ceil_mode)
+        stem = _DiMStem(nn.Conv2d(in_channels, width, 7, 1, 3, bias=False), nn.AvgPool2d(kernel_size=4, stride=4))
+        super().__init__(stem, num_classes, depth, width, avg_pool=True, ceil_mode=ceil)
+        self.ceil_mode = ceil
 
 
 # --------------------------------------------------------------------------- MobileNetV2
@@ -375,6 +562,7 @@ class _Spec:
     build: Callable[..., nn.Module]  # (in_channels, num_classes, (h, w), width, **options)
     default_width: int
     options: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    method: str | None = None  # set for a replica of one method's own model (left out of available())
 
 
 def _convnet_builder(depth: int) -> Callable[..., nn.Module]:
@@ -393,6 +581,11 @@ _SPECS: dict[str, _Spec] = {
     "shufflenetv2": _Spec(lambda c, k, size, w: ShuffleNetV2(c, k, w), 48),
     "wrn-16-2": _Spec(lambda c, k, size, w: WideResNet(c, k, 16, 2, w), 16),
     "vgg11": _Spec(lambda c, k, size, w: VGG11(c, k, size, w), 64),
+    # DiM's model pool (pool_match.py:115-117), non-CIFAR branch; ConvNet-D3 is "convnet".
+    "resnet10-dim": _Spec(lambda c, k, size, w: ResNetDiM(c, k, 10, w), 64, method="dim"),
+    "resnet18-dim": _Spec(lambda c, k, size, w: ResNetDiM(c, k, 18, w), 64, method="dim"),
+    "resnet10ap-dim": _Spec(lambda c, k, size, w: ResNetAPDiM(c, k, size, 10, w), 64, method="dim"),
+    "resnet18ap-dim": _Spec(lambda c, k, size, w: ResNetAPDiM(c, k, size, 18, w), 64, method="dim"),
 }
 
 _ALIASES = {"convnetd3": "convnet", "resnet18bn": "resnet18", "vgg11bn": "vgg11"}
@@ -406,9 +599,10 @@ def _key(name: str) -> str:
 _LOOKUP = {_key(n): n for n in _SPECS} | {_key(a): n for a, n in _ALIASES.items()}
 
 
-def available() -> list[str]:
-    """Canonical model names accepted by :func:`create`."""
-    return list(_SPECS)
+def available(include_method_models: bool = False) -> list[str]:
+    """Canonical names of the general model zoo accepted by :func:`create`; with
+    ``include_method_models=True`` also the replicas of one method's own models (``*-dim``)."""
+    return [name for name, spec in _SPECS.items() if include_method_models or spec.method is None]
 
 
 def _names_help() -> str:

@@ -52,14 +52,16 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     """d2m options; --preset, --iterations, --net-width and the attention options of datadam are shared."""
     group.add_argument("--gan-epochs", type=int, default=None, help="GAN pretraining epochs (default from --preset: 10 paper; cached)")
     group.add_argument("--gan-images", type=int, default=None, help="pretrain the GAN on this many training images, 0 = all (default from --preset)")
-    group.add_argument("--gen-width", type=int, default=64, help="base width of the generator and the pretraining discriminator (64)")
+    group.add_argument("--gen-width", type=int, default=None,
+                       help="base width of the generator and its discriminator/critic (d2m 64; dim: default preset 64, paper 196)")
     group.add_argument("--z-dim", type=int, default=100, help="latent size of the generator (100)")
     group.add_argument("--d2m-batch", type=int, default=128, help="real (and generated) images per iteration (128, the paper)")
     group.add_argument("--pm-weight", type=float, default=100.0, help="λ of the prediction-matching term (100, the paper's task balance)")
     group.add_argument("--pm-temperature", type=float, default=4.0, help="temperature T of the prediction-matching KL (4)")
     group.add_argument("--gen-optimizer", choices=OPTIMIZERS, default="sgd",
                        help="optimiser of the generator: sgd (the paper's text, default) or adam with betas (0, 0.9) (DiM's)")
-    group.add_argument("--lr-gen", type=float, default=None, help="generator learning rate (default: sgd 1e-6 paper preset (the paper), 1e-4 default preset; adam 1e-4)")
+    group.add_argument("--lr-gen", type=float, default=None, help="generator learning rate (d2m: sgd 1e-6 paper preset (the paper), 1e-4 default preset, adam 1e-4; dim: stage-2 Adam lr, "
+                       "paper preset 5e-6 (the code), default 1e-4 (the paper))")
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     preset = PRESETS[args.preset]
     pick = lambda value, key: preset[key] if value is None else value  # noqa: E731
     match = dataclasses.replace(resolve_match(args, 4.0), pm_weight=args.pm_weight, temperature=args.pm_temperature)
-    gan = generators.GANConfig(epochs=pick(args.gan_epochs, "gan_epochs"), width=args.gen_width, z_dim=args.z_dim,
+    gan = generators.GANConfig(epochs=pick(args.gan_epochs, "gan_epochs"), width=64 if args.gen_width is None else args.gen_width, z_dim=args.z_dim,
                                train_images=pick(args.gan_images, "gan_images"))
     lr = args.lr_gen if args.lr_gen is not None else (preset["lr_sgd"] if args.gen_optimizer == "sgd" else 1e-4)
     config = Config(ipc=args.ipc, iterations=pick(args.iterations, "iterations"), batch=args.d2m_batch,
