@@ -22,7 +22,7 @@ from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_tabl
 from ddfast.utils import atomic_write_text, seed_everything
 
 METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
-           "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim"}
+           "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim", "dcgm": "ddfast.methods.dcgm"}
 
 
 def _method(name: str) -> Any:

@@ -16,6 +16,7 @@ dataset's normalisation, the pipeline every consumer (distillation, ``ddfast.gen
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -145,7 +146,13 @@ class DiMCritic(nn.Module):
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"dcgan": ConditionalGenerator, "dim": DiMGenerator}
 
 
+# Architectures defined next to their method, registered when that module is imported.
+_DEFINED_IN = {"dcgm": "ddfast.methods.dcgm"}
+
+
 def create(arch: str, **kwargs: Any) -> nn.Module:
+    if arch not in ARCHITECTURES and arch in _DEFINED_IN:
+        importlib.import_module(_DEFINED_IN[arch])
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown generator architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[arch](**kwargs)
