@@ -26,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   { void ddfast_register_densify(pybind11::module_&); ddfast_register_densify(m); }  // K3 densify_forward, jacobi_eigh (csrc/densify.cpp)
   { void ddfast_register_apm_loss(pybind11::module_&); ddfast_register_apm_loss(m); }  // K4 apm_loss_forward (csrc/apm_loss.cpp)
   { void ddfast_register_attention_match(pybind11::module_&); ddfast_register_attention_match(m); }  // K2 attention_match_forward (csrc/attention_match.cpp)
+  { void ddfast_register_ln_lrelu(pybind11::module_&); ddfast_register_ln_lrelu(m); }  // DiM critic block ln_lrelu_forward/backward/double_backward (csrc/ln_lrelu.cpp)
 }
