@@ -123,16 +123,24 @@ class DiMGenerator(nn.Module):
 class DiMCritic(nn.Module):
     """DiM's critic (gan_model.py:8-132): 8 × [Conv 3×3 → LayerNorm([w, H, W]) (per-position affine) →
     LeakyReLU(0.01)], stride 2 at convs 2, 4 and 8 (28 → 14 → 7 → 4; 32 → 16 → 8 → 4), max-pool 4 → [w],
-    heads: WGAN score [N] and class logits [N, K] (the official code hard-codes K = 10)."""
+    heads: WGAN score [N] and class logits [N, K] (the official code hard-codes K = 10).
 
-    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, width: int = 196) -> None:
+    ``fused`` (default) runs each LayerNorm + LeakyReLU as one ``ddfast.ops.ln_lrelu`` call, whose closed-form
+    double backward serves the gradient penalty; the LeakyReLU slot then holds an Identity, so the state-dict
+    keys are those of the unfused (official) layout either way."""
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 28, width: int = 196, fused: bool = True) -> None:
         super().__init__()
+        from ddfast.ops.ln_lrelu import LayerNormLeakyReLU  # ddfast.ops imports the kernels lazily; keep this module light
+
         _check_dim_size(image_size)
         layers: list[nn.Module] = []
         size, c_in = image_size, channels
         for stride in (1, 2, 1, 2, 1, 1, 1, 2):
             size = (size - 1) // stride + 1
-            layers += [nn.Conv2d(c_in, width, 3, stride, 1), nn.LayerNorm([width, size, size]), nn.LeakyReLU(0.01)]
+            norm_act = ([LayerNormLeakyReLU([width, size, size], 0.01), nn.Identity()] if fused
+                        else [nn.LayerNorm([width, size, size]), nn.LeakyReLU(0.01)])
+            layers += [nn.Conv2d(c_in, width, 3, stride, 1), *norm_act]
             c_in = width
         self.features = nn.Sequential(*layers, nn.MaxPool2d(4, 4), nn.Flatten())
         self.adv = nn.Linear(width, 1)

@@ -232,3 +232,17 @@ def test_rejects_images_that_are_not_28_or_32_px(tmp_path):
     args = build_parser().parse_args(["--method", "dim", "--dataset", "synthetic", *TINY, "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="28×28 and 32×32"):
         run(args)
+
+
+def test_fused_critic_blocks_give_the_official_layout_and_gradient_penalty():
+    torch.manual_seed(0)
+    fused = generators.DiMCritic(10, 1, 28, width=8)
+    eager = generators.DiMCritic(10, 1, 28, width=8, fused=False)
+    eager.load_state_dict(fused.state_dict())  # same keys: the LeakyReLU slot holds an Identity when fused
+    real, fake = torch.rand(4, 1, 28, 28) * 2 - 1, torch.rand(4, 1, 28, 28) * 2 - 1
+    grads = []
+    for critic in (fused, eager):
+        gp = dim.gradient_penalty(critic, real, fake, torch.Generator().manual_seed(1))
+        grads.append(torch.autograd.grad(gp, list(critic.parameters())))
+    for g_fused, g_eager in zip(*grads):
+        assert rel_error(g_fused, g_eager) < 1e-4
