@@ -247,6 +247,17 @@ def pretrained_path(dataset: data.Dataset, config: GANConfig) -> Path:
     return cache_dir() / "generators" / dataset.name / f"{name}.pt"
 
 
+def gan_state(g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, **extra: Any) -> dict[str, Any]:
+    """A GAN training checkpoint: both networks, both optimisers and ``extra`` plain fields."""
+    return {"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), **extra}
+
+
+def restore_gan_state(blob: dict[str, Any], g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
+    """Load what :func:`gan_state` wrote back into the networks and optimisers."""
+    g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
+    opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+
+
 def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]:
     """Train (or load from the cache) the conditional GAN; checkpointed every epoch, so a killed run
     re-run with the same arguments resumes and ends with the same weights. Returns (generator, path)."""
@@ -271,8 +282,7 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
     start = 0
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
-        g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
-        opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+        restore_gan_state(blob, g, d, opt_g, opt_d)
         gen.set_state(blob["rng"])
         start = blob["epoch"]
     n = len(labels)
@@ -303,8 +313,7 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d.detach()):.3f}", loss_g=f"{float(loss_g.detach()):.3f}")
-        atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                           "rng": gen.get_state(), "epoch": epoch + 1}, partial)
+        atomic_torch_save(gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), epoch=epoch + 1), partial)
     bar.close()
     save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config),
                                     "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})

@@ -417,8 +417,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     start, teacher_acc = 0, None
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
-        g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
-        opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
         start, teacher_acc = blob["iteration"], blob["teacher_acc"]
     else:
         extractor, teacher_acc = get_teacher(dataset, EMBED_MODEL, EMBED_WIDTH, config.teacher_epochs, seed=0,
@@ -430,8 +429,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
         bar.update()
         bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
         if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                               "iteration": it + 1, "teacher_acc": teacher_acc}, partial)
+            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, teacher_acc=teacher_acc), partial)
     bar.close()
     generators.save(path, g, "dcgm", kwargs, {"dataset": dataset.name, "stage": "dcgm pretraining (DiM stage-1 GAN)",
                                              "method_config": dataclasses.asdict(config), "embedding_teacher_test_acc": teacher_acc,

@@ -288,8 +288,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     start = 0
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
-        g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
-        opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
         start = blob["iteration"]
     bar = progress(total=config.gan_iterations, initial=start, desc=f"DiM stage 1 GAN ({dataset.name})", unit="it")
     for it in range(start, config.gan_iterations):
@@ -297,8 +296,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
         bar.update()
         bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
         if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                               "iteration": it + 1}, partial)
+            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1), partial)
     bar.close()
     atomic_torch_save({"d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, _stage1_state(path))
     generators.save(path, g, "dim", kwargs, {"dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config),
@@ -384,8 +382,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if blob["config"] != dataclasses.asdict(config):
             raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
-        g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
-        opt_g.load_state_dict(blob["opt_g"]), opt_d.load_state_dict(blob["opt_d"])
+        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
         first = blob["iteration"]
         timing.update(blob["timing"])
         if blob["pool"] is not None:
@@ -401,8 +398,8 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         timing["stage2_matching"] += time.time() - t1
         if (it + 1) % 10 == 0 or it + 1 == config.iterations:
             pool_blob = {"drawn_at": pool.drawn_at, "model": pool.model.state_dict(), "optimizer": pool.optimizer.state_dict()}
-            atomic_torch_save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                               "pool": pool_blob, "iteration": it + 1, "timing": timing, "config": dataclasses.asdict(config)}, ckpt_path)
+            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, pool=pool_blob, iteration=it + 1, timing=timing,
+                               config=dataclasses.asdict(config)), ckpt_path)
         bar.update()
         bar.set_postfix(model=pool.name, loss_match=f"{stats['loss_match']:.4f}", loss_d=f"{stats['loss_d']:.2f}")
     bar.close()
