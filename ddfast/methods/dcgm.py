@@ -73,7 +73,7 @@ EMBED_MODEL, EMBED_WIDTH = "convnet", 128  # [ours] B1/B6.2: the class-embedding
 PHI_MODEL = "convnet"  # φ: ConvNet-D3, instance norm (the paper's 3-block ConvNet at 28/32 px)
 DISC_BETAS = (0.5, 0.999)  # [ours] B1
 # Images per no-grad forward (association pass, class embeddings): a [32, 128, 32, 32] fp32 activation (16 MB)
-# stays in cache; measured 2.4× faster than chunks of 256 on the 2-core CPU. Memory/speed only.
+# stays in cache; 1.2–3× faster than one forward of the whole association (perf/test_dcgm.py). Memory/speed only.
 CHUNK = 32
 CHECKPOINT_EVERY = 10
 POSITIVES = ("real-mean", "class-embedding")
