@@ -718,8 +718,31 @@ def available() -> list[str]:
     return sorted([*_LOADERS, "synthetic"])
 
 
-def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load dataset ``name`` from ``data_dir`` (else ``$DDFAST_DATA_DIR``, else the default dir)."""
+HOLDOUT_SUFFIX = "-holdout"
+
+
+def holdout(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A validation view: ``n`` training images (a fixed seeded draw) become the test split and leave
+    the training split. Named ``<name>-holdout<n>`` so teachers, statistics and distilled files made on
+    it never mix with the full dataset's; for choosing hyper-parameters without the test set."""
+    if not 0 < n < len(dataset.train_labels):
+        raise DataError(f"--holdout must be in 1..{len(dataset.train_labels) - 1}, got {n}")
+    order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed))
+    keep, held = order[n:].sort().values, order[:n].sort().values
+    return Dataset(f"{dataset.name}{HOLDOUT_SUFFIX}{n}", dataset.train_images[keep], dataset.train_labels[keep],
+                   dataset.train_images[held], dataset.train_labels[held], list(dataset.class_names), dataset.mean, dataset.std)
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, holdout_images: int = 0) -> Dataset:
+    """Load dataset ``name`` from ``data_dir`` (else ``$DDFAST_DATA_DIR``, else the default dir);
+    ``holdout_images > 0`` (or a name ending in ``-holdout<n>``) returns :func:`holdout` of it."""
+    base, sep, count = name.rpartition(HOLDOUT_SUFFIX)
+    if sep and count.isdigit():
+        if holdout_images and holdout_images != int(count):
+            raise DataError(f"dataset {name!r} already holds out {count} images; --holdout {holdout_images} disagrees")
+        return holdout(load(base, data_dir), int(count))
+    if holdout_images:
+        return holdout(load(name, data_dir), holdout_images)
     key = _canonical(name)
     if key == "synthetic":
         return synthetic()

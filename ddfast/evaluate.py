@@ -182,7 +182,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, prefix: str = "") ->
     p = f"--{prefix}"
     parser.add_argument(f"{p}model", default="convnet", help=f"evaluation model (default convnet = ConvNet-D3); one of {', '.join(models.available())}")
     parser.add_argument(f"{p}width", type=int, default=None, help="evaluation model width (default: the model's standard width)")
-    parser.add_argument(f"{p}epochs", type=int, default=300, help="training epochs per run (default 300)")
+    parser.add_argument(f"{p}epochs", type=int, default=300, help="training epochs per run (default 300; in ddfast.distill --preset paper: 1000 for gvbsm/sre2l/apm, as the papers)")
     parser.add_argument(f"{p}runs", type=int, default=3, help="fresh models trained and tested (default 3)")
     parser.add_argument(f"{p}lr", type=float, default=None, help="learning rate (default: 0.01 SGD for hard/static, 0.02 SGD for l1, 1e-3 AdamW for fkd)")
     parser.add_argument(f"{p}schedule", choices=("step", "multistep", "cosine"), default=None,
@@ -195,7 +195,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, prefix: str = "") ->
                         "(APM's protocol) (default: the file's own mode (l1 for apm), soft when the file has soft labels, else hard)")
     parser.add_argument("--recipe", choices=RECIPES, default="static",
                         help="soft-label recipe: static = the stored logits under the DC protocol (default); fkd = the G-VBSM/SRe2L "
-                        "relabel recipe (teacher pool on every RandomResizedCrop+flip+CutMix batch, MSE + γ·CE, AdamW, cosine)")
+                        "relabel recipe (teacher pool on every RandomResizedCrop+flip+CutMix batch, MSE + γ·CE, AdamW, cosine); "
+                        "ddfast.distill --preset paper uses fkd for gvbsm/sre2l")
     parser.add_argument("--label-cache", default=None, help="fkd: store the augmentation draws and teacher logits of a seed here and reuse them")
     parser.add_argument("--soft-loss", choices=SOFT_LOSSES, default="mse_ce", help="soft-label loss: mse_ce = MSE(logits, soft) + γ·CE (G-VBSM, default) or kl")
     parser.add_argument("--gamma", type=float, default=0.15, help="γ of the mse_ce loss (0.15 CIFAR/small datasets, 0.1 ImageNet)")
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, help="test dataset (default: the one recorded in the file)")
     parser.add_argument("--data-dir", default=None, help="dataset location (default: $DDFAST_DATA_DIR or the dataset's standard path)")
     add_protocol_arguments(parser)
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="test on this many held-out training images instead of the test split (a file distilled with "
+                        "--holdout records it in its dataset name; default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for model init, batches and augmentation (default 0)")
     parser.add_argument("--first-run", type=int, default=0, help="index of the first run (seeded seed*1000 + index), to split runs over processes (default 0)")
     parser.add_argument("--random-subsets", action="store_true",
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         synset = io.load(args.file)
         meta = synset["meta"]
-        dataset = data.load(args.dataset or meta.get("dataset", "fashion-mnist"), args.data_dir)
+        dataset = data.load(args.dataset or meta.get("dataset", "fashion-mnist"), args.data_dir, holdout_images=args.holdout)
         result = evaluate_synset(
             synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=args.first_run,
             teachers=meta.get("teachers"), random_subsets=args.random_subsets,

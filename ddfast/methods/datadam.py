@@ -57,7 +57,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--match-norm", choices=NORMS, default=None,
                        help="normalisation of the matching ConvNets (datadam: batchnorm in train mode, the official code; "
                        "d2m: instancenorm, the paper)")
-    group.add_argument("--init", choices=("real", "noise"), default="real", help="datadam: initialise the pixels from real images (default) or N(0, 1)")
 
 
 @dataclasses.dataclass
@@ -102,7 +101,7 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     config = Config(
         ipc=args.ipc, iterations=pick(args.iterations, "iterations"), batch_real=pick(args.batch_real, "batch_real"),
         net_width=pick(args.net_width, "net_width"), norm=args.match_norm or "batchnorm",
-        lr_img=1.0 if args.lr_img is None else args.lr_img, momentum=0.5, init=args.init,
+        lr_img=1.0 if args.lr_img is None else args.lr_img, momentum=0.5, init="real" if args.init is None else args.init,
         match=dataclasses.asdict(resolve_match(args, 1.0)), segment=args.segment, seed=args.seed,
     )
     for field in ("iterations", "batch_real", "net_width"):
@@ -110,6 +109,8 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
             raise ValueError(f"--{field.replace('_', '-')} must be >= 1, got {getattr(config, field)}")
     if config.lr_img <= 0:
         raise ValueError(f"--lr-img must be > 0, got {config.lr_img}")
+    if config.init not in ("real", "noise"):
+        raise ValueError(f"datadam initialises from real images or noise: --init {config.init} is a gvbsm/sre2l option")
     counts = torch.bincount(dataset.train_labels, minlength=dataset.num_classes)
     if int(counts.min()) < max(config.batch_real, config.ipc):
         raise ValueError(f"the smallest class has {int(counts.min())} training images: fewer than --batch-real "

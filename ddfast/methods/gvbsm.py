@@ -31,6 +31,7 @@ from ddfast.ops import densify_loss
 from ddfast.reference.densify_official import densify_loss_official
 from ddfast.augment import crop_flip
 from ddfast.reference.stat_match_official import OfficialMatcher
+from ddfast.selection import SELECT_RULES, select_real
 from ddfast.stat_matcher import StatMatcher, model_key
 from ddfast.train import get_teacher, random_subset, teacher_spec
 from ddfast.utils import PeakMemory, atomic_torch_save, cache_dir, progress
@@ -49,8 +50,10 @@ POOLS = {
 PRESETS = {
     # teacher_images / stats_images: training images the teachers are trained on and the global
     # conv statistics are collected over (fixed random subsets; 0 = all)
-    "default": {"iterations": 500, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000},
-    "paper": {"iterations": 1000, "batch_size": 100, "teacher_epochs": 5, "teacher_images": 0, "stats_images": 0},
+    "default": {"iterations": 500, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000,
+                "init": "noise"},
+    # 4000 iterations: G-VBSM's CIFAR-10/100 rows and the official Branch_CIFAR_10/recover/recover.sh
+    "paper": {"iterations": 4000, "batch_size": 100, "teacher_epochs": 5, "teacher_images": 0, "stats_images": 0, "init": "noise"},
 }
 
 
@@ -78,6 +81,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="start each statistic's EMA from 0 (default, the official code) or from the first batch "
                        "statistic (unbiased; not available with --backend reference)")
     group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
+    group.add_argument("--candidates", type=int, default=300,
+                       help="--init selected: random real candidates per class (300, RDED's CIFAR-10 scripts)")
+    group.add_argument("--select-rule", choices=SELECT_RULES, default="diverse",
+                       help="--init selected: confidence = the IPC candidates with the lowest pool cross-entropy (RDED); diverse = "
+                       "k-means (k = IPC) on the pool's penultimate features, the lowest-score candidate of each cluster (default)")
+    group.add_argument("--select-crops", type=int, default=5, help="--init selected: RandomResizedCrop+flip views per candidate in its score (5)")
 
 
 @dataclasses.dataclass
@@ -106,6 +115,10 @@ class Config:
     segment: int
     reference: bool
     seed: int
+    init: str = "noise"
+    candidates: int = 300
+    select_rule: str = "diverse"
+    select_crops: int = 5
 
 
 def _parse_backbones(spec: str) -> dict[str, int]:
@@ -149,9 +162,17 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         segment=args.segment,
         reference=args.backend == "reference",
         seed=args.seed,
+        init=preset["init"] if args.init is None else args.init,
+        candidates=args.candidates,
+        select_rule=args.select_rule,
+        select_crops=args.select_crops,
     )
-    if config.iterations < 1:
-        raise ValueError(f"--iterations must be >= 1, got {config.iterations}")
+    if config.iterations < (1 if config.init == "noise" else 0):
+        raise ValueError(f"--iterations must be >= 1 (>= 0 with --init real|selected), got {config.iterations}")
+    if config.init == "selected" and config.candidates < config.ipc:
+        raise ValueError(f"--candidates must be >= --ipc: each class keeps IPC of its candidates, got {config.candidates} < {config.ipc}")
+    if config.select_crops < 1:
+        raise ValueError(f"--select-crops must be >= 1, got {config.select_crops}")
     if len(betas) != 2:
         raise ValueError(f"--betas needs two numbers, got {args.betas!r}")
     if config.teacher_images < 0:
@@ -355,10 +376,11 @@ def _step_segments(bb: Backbone, x: torch.Tensor, aug: Jitter, y: torch.Tensor, 
 
 def recover_batch(
     pool: list[Backbone], labels: torch.Tensor, shape: tuple[int, ...], lo: torch.Tensor, hi: torch.Tensor,
-    config: Config, batch_index: int, timing: dict[str, float], desc: str,
+    config: Config, batch_index: int, timing: dict[str, float], desc: str, init: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Recover one batch from ``init`` (normalised real images) or, when None, from randn."""
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
-    x = torch.randn(len(labels), *shape, generator=gen).requires_grad_(True)
+    x = (torch.randn(len(labels), *shape, generator=gen) if init is None else init.clone()).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     for bb in pool:
         bb.matcher.reset()
@@ -397,6 +419,25 @@ def relabel(pool: list[Backbone], images: torch.Tensor, logit_norm: bool) -> tor
     return torch.stack(outs).mean(0)
 
 
+def initial_images(pool: list[Backbone], dataset: data.Dataset, config: Config) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Class-major normalised initial images for ``config.init`` (None for noise) and what to report about them."""
+    if config.init == "noise":
+        return None, {}
+    if config.init == "real":
+        idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, config.ipc, config.seed)
+        return dataset.normalize(dataset.train_images[idx]), {"init_indices": idx.tolist()}
+    for bb in pool:
+        bb.matcher.mode = "off"
+    start = time.time()
+    idx, scores = select_real([bb.model for bb in pool], dataset.normalize(dataset.train_images), dataset.train_labels,
+                              dataset.num_classes, config.ipc, config.candidates, config.seed, config.select_rule, config.select_crops)
+    seconds = time.time() - start
+    print(f"selected {len(idx)} real images ({config.select_rule}) from {config.candidates} candidates per class in {seconds:.0f} s; "
+          f"mean pool cross-entropy {float(scores.mean()):.3f}", flush=True)
+    return dataset.normalize(dataset.train_images[idx]), {"init_indices": idx.tolist(), "init_scores": scores.tolist(),
+                                                           "selection_seconds": seconds}
+
+
 def _describe(config: Config, preset: str) -> str:
     pool = ", ".join(f"{n}:{w}" if w else n for n, w in config.backbones.items())
     subset = lambda n: f"{n} images" if n else "all images"  # noqa: E731
@@ -404,7 +445,9 @@ def _describe(config: Config, preset: str) -> str:
         f"{config.method} ({preset} preset): pool [{pool}], teachers {config.teacher_epochs} epoch(s) on "
         f"{subset(config.teacher_images)}, "
         f"{config.iterations} iterations x batch {config.batch_size}, conv statistics over {subset(config.stats_images)}, "
-        f"segment {config.segment or 'off'}, {'official-style reference' if config.reference else 'fused'} kernels"
+        f"segment {config.segment or 'off'}, {'official-style reference' if config.reference else 'fused'} kernels, "
+        f"init {config.init}" + (f" ({config.select_rule}, {config.candidates} candidates per class)" if config.init == "selected" else "")
+        + ("" if config.init == "noise" else " [deviation from the official recover, which starts from noise]")
     )
 
 
@@ -422,6 +465,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         shape = (dataset.channels, *dataset.image_size)
         batches = class_batches(dataset.num_classes, config.ipc, config.batch_size)
         timing = new_timing()
+        init, init_report = initial_images(pool, dataset, config)
         images, labels = [], []
         iterations_run, start = 0, time.time()
         with PeakMemory() as peak:
@@ -434,7 +478,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
                         raise ValueError(f"{ckpt} was written with different arguments; remove {ckpt.parent} or change --out")
                     x = blob["images"]
                 else:
-                    x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}")
+                    rows = slice(classes[0] * config.ipc, (classes[-1] + 1) * config.ipc)
+                    x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}",
+                                      init=None if init is None else init[rows])
                     atomic_torch_save({"images": x, "config": dataclasses.asdict(config)}, ckpt)
                     iterations_run += config.iterations
                 images.append(x)
@@ -454,5 +500,6 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         "recover_peak_mem_mb": peak.mb if iterations_run else None,
         "time_split_seconds": timing,
         "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        **init_report,
     }
     return DistillResult(images=images_t, labels=labels_t, soft_labels=soft, stats=stats, baseline=baseline, teachers=teachers)

@@ -1,0 +1,164 @@
+"""Initial images for the recover stage of gvbsm/sre2l (``--init``).
+
+* ``noise``: standard normal pixels (the official G-VBSM/SRe2L start);
+* ``real``: the class-balanced random real subset of the run's seed, i.e. exactly the images the
+  random baseline of that seed uses, so distilled-vs-random is a paired comparison;
+* ``selected``: per class, ``candidates`` random real images (the first IPC of them are the ``real``
+  subset: same per-class permutation), scored by the whole teacher pool, ``select_rule`` keeps IPC:
+
+  - ``confidence`` (RDED's selector): the IPC candidates with the lowest score;
+  - ``diverse``: k-means (k = IPC) over the pool's penultimate features of the candidates, then the
+    lowest-score candidate of every cluster: images the teachers find clear that also cover the
+    class's modes, rather than IPC near-copies of its easiest mode.
+
+  score = cross-entropy against the class label of the pool's ensemble-mean logits (the soft label
+  the relabel recipe trains on), averaged over ``crops`` RandomResizedCrop+flip views (torchvision's
+  rule, scale ``crop_scale``): how clearly the images' crops -- what the student sees under the
+  relabel recipe -- carry the class for the labels that will supervise them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddfast.fkd import rrc_params
+
+INITS = ("noise", "real", "selected")
+SELECT_RULES = ("confidence", "diverse")
+
+
+def class_candidates(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> list[torch.Tensor]:
+    """Per class, training indices of its candidates: the first ``per_class`` (all of the class when it
+    has fewer) of the class's seeded permutation. ``ddfast.methods.random.select`` draws the same
+    permutations, so the first IPC candidates of each class are the random subset of ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in range(num_classes):
+        members = (labels == k).nonzero().flatten()
+        rows.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return rows
+
+
+def random_resized_views(images: torch.Tensor, crops: int, gen: torch.Generator,
+                         scale: tuple[float, float]) -> torch.Tensor:
+    """[crops, N, C, H, W]: per image and view a RandomResizedCrop (bilinear, back to H×W) and a flip with p 0.5."""
+    n, _, height, width = images.shape
+    views = torch.empty(crops, *images.shape, dtype=images.dtype)
+    for v in range(crops):
+        for i in range(n):
+            top, left, h, w = rrc_params(gen, height, width, scale=scale)
+            crop = images[i : i + 1, :, top : top + h, left : left + w]
+            if (h, w) != (height, width):
+                crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+            if bool(torch.rand((), generator=gen) < 0.5):
+                crop = crop.flip(3)
+            views[v, i] = crop[0]
+    return views
+
+
+@torch.no_grad()
+def pool_scores(pool: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, crops: int,
+                gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0), chunk: int = 500) -> torch.Tensor:
+    """[N] float64: mean over ``crops`` views of CE(mean over the pool of its logits, label)."""
+    views = random_resized_views(images, crops, gen, scale).flatten(0, 1)
+    logits = torch.stack([torch.cat([m(views[i : i + chunk]) for i in range(0, len(views), chunk)]) for m in pool])
+    ce = F.cross_entropy(logits.double().mean(0), labels.repeat(crops), reduction="none")
+    return ce.view(crops, -1).mean(0)
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier whose input could serve as its feature")
+    return linears[-1]
+
+
+@torch.no_grad()
+def pool_features(pool: Sequence[nn.Module], images: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+    """[N, D] float64: each model's penultimate feature (the input of its last nn.Linear), L2-normalised
+    per model so every teacher weighs the same, concatenated over the pool."""
+    parts = []
+    for model in pool:
+        captured: list[torch.Tensor] = []
+        handle = _last_linear(model).register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].flatten(1)))
+        try:
+            for i in range(0, len(images), chunk):
+                model(images[i : i + chunk])
+        finally:
+            handle.remove()
+        parts.append(F.normalize(torch.cat(captured).double(), dim=1))
+    return torch.cat(parts, dim=1)
+
+
+def kmeans(points: torch.Tensor, k: int, gen: torch.Generator, iterations: int = 50) -> torch.Tensor:
+    """[N] cluster index per point: Lloyd's algorithm from a k-means++ start (deterministic for ``gen``);
+    an emptied cluster is re-seeded with the point farthest from its centre."""
+    n = len(points)
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= {n} points, got k={k}")
+    centres = [points[int(torch.randint(n, (1,), generator=gen))]]
+    for _ in range(1, k):
+        d2 = torch.cdist(points, torch.stack(centres)).pow(2).min(1).values
+        pick = int(torch.multinomial(d2 / d2.sum(), 1, generator=gen)) if d2.sum() > 0 else int(torch.randint(n, (1,), generator=gen))
+        centres.append(points[pick])
+    centre = torch.stack(centres)
+    assign = torch.cdist(points, centre).argmin(1)
+    for _ in range(iterations):
+        for c in range(k):
+            members = assign == c
+            if members.any():
+                centre[c] = points[members].mean(0)
+            else:
+                centre[c] = points[torch.cdist(points, centre).min(1).values.argmax()]
+        new = torch.cdist(points, centre).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+def choose(scores: torch.Tensor, ipc: int, rule: str, features: torch.Tensor | None = None,
+           gen: torch.Generator | None = None) -> torch.Tensor:
+    """Positions of the IPC kept candidates of one class, in ascending score order."""
+    if rule == "confidence":
+        return torch.argsort(scores, stable=True)[:ipc]
+    if rule != "diverse":
+        raise ValueError(f"select rule must be one of {SELECT_RULES}, got {rule!r}")
+    assign = kmeans(features, ipc, gen)
+    kept = []
+    for c in range(ipc):
+        members = (assign == c).nonzero().flatten()
+        if len(members):
+            kept.append(int(members[torch.argmin(scores[members])]))
+    rest = [int(i) for i in torch.argsort(scores, stable=True) if int(i) not in kept]
+    kept += rest[: ipc - len(kept)]  # only if a cluster stayed empty (duplicate points)
+    kept_t = torch.tensor(kept)
+    return kept_t[torch.argsort(scores[kept_t], stable=True)]
+
+
+def select_real(pool: Sequence[nn.Module], train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                ipc: int, candidates: int, seed: int, rule: str = "diverse", crops: int = 5,
+                crop_scale: tuple[float, float] = (0.08, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-major training indices [num_classes·IPC] of the selected real images and their scores.
+    ``train_images`` are normalised (what the pool consumes)."""
+    if candidates < ipc:
+        raise ValueError(f"--candidates must be >= --ipc (keep IPC of the candidates per class), got {candidates} < {ipc}")
+    if crops < 1:
+        raise ValueError(f"--select-crops must be >= 1, got {crops}")
+    cand = class_candidates(train_labels, num_classes, candidates, seed)
+    for k, members in enumerate(cand):
+        if len(members) < ipc:
+            raise ValueError(f"class {k} has only {len(members)} training images; cannot keep IPC={ipc}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
+    chosen, chosen_scores = [], []
+    for k in range(num_classes):
+        images = train_images[cand[k]]
+        scores = pool_scores(pool, images, train_labels[cand[k]], crops, gen, crop_scale)
+        features = pool_features(pool, images) if rule == "diverse" else None
+        keep = choose(scores, ipc, rule, features, gen)
+        chosen.append(cand[k][keep])
+        chosen_scores.append(scores[keep])
+    return torch.cat(chosen), torch.cat(chosen_scores)
