@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddfast.fkd import rrc_params
+from ddfast.utils import progress
 
 INITS = ("noise", "real", "selected")
 SELECT_RULES = ("confidence", "diverse")
@@ -140,7 +141,7 @@ def choose(scores: torch.Tensor, ipc: int, rule: str, features: torch.Tensor | N
 
 
 def select_real(pool: Sequence[nn.Module], train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
-                ipc: int, candidates: int, seed: int, rule: str = "diverse", crops: int = 5,
+                ipc: int, candidates: int, seed: int, rule: str = "confidence", crops: int = 5,
                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-major training indices [num_classes·IPC] of the selected real images and their scores.
     ``train_images`` are normalised (what the pool consumes)."""
@@ -154,7 +155,7 @@ def select_real(pool: Sequence[nn.Module], train_images: torch.Tensor, train_lab
             raise ValueError(f"class {k} has only {len(members)} training images; cannot keep IPC={ipc}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919)
     chosen, chosen_scores = [], []
-    for k in range(num_classes):
+    for k in progress(range(num_classes), desc=f"select {ipc} of {candidates} real images per class ({rule})"):
         images = train_images[cand[k]]
         scores = pool_scores(pool, images, train_labels[cand[k]], crops, gen, crop_scale)
         features = pool_features(pool, images) if rule == "diverse" else None

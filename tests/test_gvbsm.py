@@ -133,7 +133,7 @@ def test_sre2l_matches_bn_only(tmp_path):
         (["--batch-size", "6"], "must be a multiple of --ipc 4"),
         (["--backbones", "lenet"], "unknown model 'lenet'"),
         (["--backend", "reference", "--segment", "2"], "no segment mode"),
-        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--init", "noise", "--iterations", "0"], "--iterations must be >= 1"),
         (["--stats-images", "-1"], "--stats-images must be >= 0"),
         (["--backend", "reference", "--ema-init", "first"], "use --ema-init zero"),
     ],

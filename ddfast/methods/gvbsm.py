@@ -50,10 +50,12 @@ POOLS = {
 PRESETS = {
     # teacher_images / stats_images: training images the teachers are trained on and the global
     # conv statistics are collected over (fixed random subsets; 0 = all)
-    "default": {"iterations": 500, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000,
-                "init": "noise"},
+    # default: recover refines teacher-selected real images (chosen on a held-out split, README)
+    "default": {"iterations": 200, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000,
+                "init": "selected", "jitter": 4},
     # 4000 iterations: G-VBSM's CIFAR-10/100 rows and the official Branch_CIFAR_10/recover/recover.sh
-    "paper": {"iterations": 4000, "batch_size": 100, "teacher_epochs": 5, "teacher_images": 0, "stats_images": 0, "init": "noise"},
+    "paper": {"iterations": 4000, "batch_size": 100, "teacher_epochs": 5, "teacher_images": 0, "stats_images": 0, "init": "noise",
+              "jitter": 32},
 }
 
 
@@ -63,7 +65,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--backbones", default=None, help="comma-separated backbone pool, name or name:width (default from --preset)")
     group.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the images (0.05 small datasets, 0.1 ImageNet)")
     group.add_argument("--betas", default="0.5,0.9", help="Adam betas (official: 0.5,0.9)")
-    group.add_argument("--jitter", type=int, default=32, help="max torch.roll shift in pixels (32, the official G-VBSM default; SRe2L CIFAR uses 4)")
+    group.add_argument("--jitter", type=int, default=None,
+                       help="max torch.roll shift in pixels (default from --preset: paper 32, the official G-VBSM default; default 4, "
+                       "SRe2L's CIFAR value: it refines real images instead of growing them from noise)")
     group.add_argument("--drop-rate", type=float, default=None, help="conv matching drop rate (gvbsm 0.4, sre2l 0)")
     group.add_argument("--r-weight", type=float, default=0.01, help="weight r of the statistic matching loss (0.01)")
     group.add_argument("--first-multiplier", type=float, default=10.0,
@@ -83,9 +87,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
     group.add_argument("--candidates", type=int, default=300,
                        help="--init selected: random real candidates per class (300, RDED's CIFAR-10 scripts)")
-    group.add_argument("--select-rule", choices=SELECT_RULES, default="diverse",
-                       help="--init selected: confidence = the IPC candidates with the lowest pool cross-entropy (RDED); diverse = "
-                       "k-means (k = IPC) on the pool's penultimate features, the lowest-score candidate of each cluster (default)")
+    group.add_argument("--select-rule", choices=SELECT_RULES, default="confidence",
+                       help="--init selected: confidence = the IPC candidates with the lowest pool cross-entropy (RDED; default, "
+                       "chosen on a held-out split); diverse = k-means (k = IPC) on the pool's penultimate features, the "
+                       "lowest-score candidate of each cluster")
     group.add_argument("--select-crops", type=int, default=5, help="--init selected: RandomResizedCrop+flip views per candidate in its score (5)")
 
 
@@ -117,7 +122,7 @@ class Config:
     seed: int
     init: str = "noise"
     candidates: int = 300
-    select_rule: str = "diverse"
+    select_rule: str = "confidence"
     select_crops: int = 5
 
 
@@ -147,7 +152,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         teacher_images=preset["teacher_images"] if args.teacher_images is None else args.teacher_images,
         lr=args.lr,
         betas=betas,
-        jitter=args.jitter,
+        jitter=preset["jitter"] if args.jitter is None else args.jitter,
         alpha=args.alpha if args.alpha is not None else (0.8 if method == "gvbsm" else 0.0),
         drop_rate=args.drop_rate if args.drop_rate is not None else (0.4 if method == "gvbsm" else 0.0),
         r_weight=args.r_weight,
