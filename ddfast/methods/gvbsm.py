@@ -120,10 +120,10 @@ class Config:
     segment: int
     reference: bool
     seed: int
-    init: str = "noise"
-    candidates: int = 300
-    select_rule: str = "confidence"
-    select_crops: int = 5
+    init: str
+    candidates: int
+    select_rule: str
+    select_crops: int
 
 
 def _parse_backbones(spec: str) -> dict[str, int]:
