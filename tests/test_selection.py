@@ -160,3 +160,13 @@ def test_holdout_split_is_disjoint_and_named():
     assert torch.equal(data.load("synthetic-holdout50").test_images, held.test_images)
     with pytest.raises(data.DataError, match="--holdout must be in"):
         data.load("synthetic", holdout_images=len(full.train_labels))
+
+
+def test_datadam_refuses_the_gvbsm_only_selected_init():
+    from ddfast.methods import datadam
+
+    args = build_parser().parse_args(["--method", "datadam", "--dataset", "synthetic", "--ipc", "2", "--init", "selected"])
+    with pytest.raises(ValueError, match="gvbsm/sre2l option"):
+        datadam.resolve_config(args, data.load("synthetic"))
+    default = build_parser().parse_args(["--method", "datadam", "--dataset", "synthetic", "--ipc", "2"])
+    assert datadam.resolve_config(default, data.load("synthetic")).init == "real"
