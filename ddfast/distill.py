@@ -19,6 +19,7 @@ import torch
 
 from ddfast import __version__, backend, data, io
 from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
+from ddfast.selection import INITS
 from ddfast.utils import atomic_write_text, seed_everything
 
 METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refines 200 iterations at jitter 4 from teacher-selected real images, ~7 min for IPC 10 with teacher "
                         "training; apm: see the README's APM presets); paper: the paper's pool, widths, schedules (gvbsm/sre2l: "
                         "4000 iterations from noise, jitter 32) and evaluation (hours to days on a CPU)")
-    shared.add_argument("--init", choices=("noise", "real", "selected"), default=None,
+    shared.add_argument("--init", choices=INITS, default=None,
                         help="initial images. gvbsm/sre2l: noise (randn, the official code), real (the class-balanced random real "
                         "subset of --seed: the random baseline's own images), selected (real images the teacher pool picks from "
                         "--candidates per class, see --select-rule) (default from --preset); datadam: real (default) or noise")

@@ -33,8 +33,8 @@ SELECT_RULES = ("confidence", "diverse")
 
 def class_candidates(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> list[torch.Tensor]:
     """Per class, training indices of its candidates: the first ``per_class`` (all of the class when it
-    has fewer) of the class's seeded permutation. ``ddfast.methods.random.select`` draws the same
-    permutations, so the first IPC candidates of each class are the random subset of ``seed``."""
+    has fewer) of the class's seeded permutation. ``ddfast.methods.random.select`` keeps the first IPC
+    of the same permutations, so the first IPC candidates of each class are the random subset of ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for k in range(num_classes):

@@ -7,6 +7,7 @@ import torch
 
 from ddfast.data import Dataset
 from ddfast.methods import DistillResult
+from ddfast.selection import class_candidates
 
 NAME = "random"
 
@@ -16,14 +17,12 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 
 
 def select(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
-    """Indices of a class-balanced random subset, class-major (class 0's images first)."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = []
-    for k in range(num_classes):
-        pool = (labels == k).nonzero().flatten()
-        if len(pool) < ipc:
-            raise ValueError(f"class {k} has only {len(pool)} training images; cannot draw IPC={ipc}")
-        chosen.append(pool[torch.randperm(len(pool), generator=gen)[:ipc]])
+    """Indices of a class-balanced random subset, class-major (class 0's images first): the first IPC
+    of each class's seeded permutation (``ddfast.selection.class_candidates``)."""
+    chosen = class_candidates(labels, num_classes, ipc, seed)
+    for k, members in enumerate(chosen):
+        if len(members) < ipc:
+            raise ValueError(f"class {k} has only {int((labels == k).sum())} training images; cannot draw IPC={ipc}")
     return torch.cat(chosen)
 
 
