@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from ddfast import __version__, backend, data, io
+from ddfast import __version__, backend, data, io, judge
 from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.selection import INITS
 from ddfast.utils import atomic_write_text, seed_everything
 
 METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
            "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim", "dcgm": "ddfast.methods.dcgm"}
+
+GENERATIVE = ("d2m", "dim", "dcgm")  # methods whose set comes from a generator: judged (ddfast.judge)
 
 
 def _method(name: str) -> Any:
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not evaluate the random real subset labelled by the same teachers (methods with soft labels "
         "evaluate it under the same protocol by default and save it as OUT/random-baseline.pt; d2m: the pretrained "
         "generator sampled with the same latents, OUT/pretrained-generator-baseline.pt)",
+    )
+    parser.add_argument(
+        "--no-judge", action="store_true",
+        help=f"generative methods ({', '.join(GENERATIVE)}): skip the judge's class consistency and within-class diversity of "
+        "the set and of the pretrained generator's sample (ddfast.judge; report.json \"judge\", \"baseline_judge\")",
     )
     evaluation = parser.add_argument_group("evaluation (see python -m ddfast.evaluate --help)")
     add_protocol_arguments(evaluation, prefix="eval-")
@@ -158,6 +165,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if report["peak_mem_mb"] is None:
         report["peak_mem_mb"] = report["process_peak_rss_mb"]
+    if args.method in GENERATIVE and not args.no_judge:
+        pair = judge.get_judge(dataset)
+        for key, part, name in (("judge", result, args.method), ("baseline_judge", result.baseline, result.baseline_name)):
+            if part is not None:
+                report[key] = judge.judge_set(dataset, part.images, part.labels, judge=pair)
+                print(f"judge, {name}: {judge.describe(report[key])}")
     if not args.no_eval:
         protocol = protocol_kwargs(args, "eval-", result.label_mode or ("soft" if result.soft_labels is not None else "hard"))
         fkd = protocol["recipe"] == "fkd" and protocol["label_mode"] == "soft"

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddfast import generators, io
+from ddfast import data, generators, io, judge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ipc", type=int, required=True, help="images per class")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data-dir", default=None, help="the generator's dataset, for the judge (default: $DDFAST_DATA_DIR or the standard path)")
+    parser.add_argument("--no-judge", action="store_true",
+                        help="skip the judge's class consistency and within-class diversity (ddfast.judge; the judge is trained "
+                        "once per dataset and cached)")
     args = parser.parse_args(argv)
     try:
         if args.ipc < 1:
@@ -39,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     io.save(out / "distilled.pt", images, labels, None, file_meta)
     io.save_grid(out / "grid.png", images, labels, norm["mean"], norm["std"], generator.num_classes)
     print(f"wrote {out}/distilled.pt ({len(labels)} images, {args.ipc} per class) and {out}/grid.png")
+    if not args.no_judge:
+        try:
+            dataset = data.load(meta.get("dataset") or "", args.data_dir)
+        except (ValueError, FileNotFoundError) as err:  # the set is written; only the judge cannot run
+            print(f"judge skipped: {err} (pass --data-dir, or --no-judge)", file=sys.stderr)
+            return 0
+        print(f"judge: {judge.describe(judge.judge_set(dataset, images, labels))}")
     return 0
 
 

@@ -266,6 +266,9 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
     path = pretrained_path(dataset, config)
     if path.is_file():
         return load(path)[0], path
+    from ddfast import judge  # here, not at the top: ddfast.judge samples through this module
+
+    pair = judge.get_judge(dataset)  # first: training it reseeds the global RNG, which the lines below then set
     kwargs = config.kwargs(dataset)
     torch.manual_seed(config.seed)
     g = create("dcgan", **kwargs)
@@ -279,17 +282,19 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
         images, labels = images[keep], labels[keep]
     real_all = images * 2 - 1  # the generator's tanh range
     partial = path.with_suffix(".partial.pt")
-    start = 0
+    start, curve = 0, []
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
         restore_gan_state(blob, g, d, opt_g, opt_d)
         gen.set_state(blob["rng"])
-        start = blob["epoch"]
+        start, curve = blob["epoch"], blob["judge_curve"]
+
     n = len(labels)
     steps = n // config.batch_size  # drop the last partial batch (batch norm)
     bar = progress(total=config.epochs * steps, initial=start * steps, desc=f"GAN pretraining ({dataset.name})", unit="step")
     g.train(), d.train()
     for epoch in range(start, config.epochs):
+        curve.append(judge.curve_point(pair, g, dataset, epoch * steps))
         order = torch.randperm(n, generator=gen)
         for step in range(steps):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
@@ -312,10 +317,12 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
             opt_g.step()
             bar.update()
             if step % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d.detach()):.3f}", loss_g=f"{float(loss_g.detach()):.3f}")
-        atomic_torch_save(gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), epoch=epoch + 1), partial)
+                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d.detach()):.3f}", loss_g=f"{float(loss_g.detach()):.3f}",
+                                consistency=f"{curve[-1]['consistency']:.1f}%")
+        atomic_torch_save(gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), epoch=epoch + 1, judge_curve=curve), partial)
     bar.close()
-    save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config),
+    curve.append(judge.curve_point(pair, g, dataset, config.epochs * steps))
+    save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config), "judge_curve": curve,
                                     "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     partial.unlink(missing_ok=True)
     return g.eval(), path

@@ -86,11 +86,16 @@ def test_pretraining_resumes_after_sigkill(tmp_path, monkeypatch):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists() and not generators.pretrained_path(dataset, config).exists()
-    resumed, _ = generators.pretrain(dataset, config)
+    resumed, resumed_path = generators.pretrain(dataset, config)
     monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "whole"))
-    whole, _ = generators.pretrain(dataset, config)
+    whole, whole_path = generators.pretrain(dataset, config)
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         assert torch.equal(a, b)
+    # the judge's curve: one point per epoch start and one at the end, the same after the resume
+    curve = generators.load(whole_path)[1]["judge_curve"]
+    steps = len(dataset.train_labels) // config.batch_size
+    assert [p["iteration"] for p in curve] == [e * steps for e in range(config.epochs + 1)]
+    assert generators.load(resumed_path)[1]["judge_curve"] == curve
 
 
 def test_d2m_moves_the_generator_and_writes_both_sets(tmp_path):

@@ -174,8 +174,32 @@ def test_chunked_real_pass_equals_the_plain_class_means():
         for k in range(10):
             expected = b[y == k].mean(0) if (y == k).any() else torch.zeros_like(b[0])
             assert rel_error(m[k], expected) < 1e-12 if (y == k).any() else torch.equal(m[k], expected)
-    assert torch.allclose(stats.gap, blocks[-1].mean((2, 3)), rtol=0, atol=1e-13)
+    assert torch.allclose(stats.features, blocks[-1].flatten(1), rtol=0, atol=1e-13)  # default feature: flat
+    gap = dcgm.real_statistics(net, x, y, 10, chunk=5, feature="gap")
+    assert torch.allclose(gap.features, blocks[-1].mean((2, 3)), rtol=0, atol=1e-13)
     assert torch.equal(stats.counts, torch.bincount(y, minlength=10))
+
+
+def test_block3_feature_and_the_discriminator_width():
+    block = torch.arange(2 * 3 * 4 * 4, dtype=F64).view(2, 3, 4, 4)
+    assert torch.equal(dcgm.block3_feature(block, "flat"), block.reshape(2, 48))
+    assert torch.equal(dcgm.block3_feature(block, "gap"), block.mean((2, 3)))
+    with pytest.raises(ValueError, match="feature must be one of"):
+        dcgm.block3_feature(block, "mean")
+    ds = data.load("synthetic")
+    net = models.create("convnet", ds.channels, ds.num_classes, ds.image_size, width=8)
+    blocks, _ = dcgm.phi_outputs(net, torch.zeros(1, ds.channels, *ds.image_size))
+    assert dcgm.feature_dim(net, ds, "flat") == blocks[-1][0].numel() and dcgm.feature_dim(net, ds, "gap") == 8
+
+
+def test_feature_probe_sees_what_the_pooled_feature_hides():
+    # the instance-norm ConvNet's GAP₃ is nearly one vector for every image; the flattened block separates images
+    probe = dcgm.feature_probe(data.load("synthetic"), per_class=4, association=6, net_width=16)
+    flat, gap = probe["flat"], probe["gap"]
+    assert gap["cos_same_class"] > 0.99 and gap["cos_other_class"] > 0.99
+    assert flat["cos_other_class"] < gap["cos_other_class"] - 0.05
+    assert flat["grad_intra"] > 3 * gap["grad_intra"]
+    assert flat["grad_f"] == gap["grad_f"] and flat["grad_c"] == gap["grad_c"]  # L_f and L_c do not use f₃
 
 
 def test_class_embeddings_are_class_means_of_the_pooled_last_block(npz28):
@@ -262,7 +286,8 @@ def test_sigkill_resumes_to_the_same_images(npz28, tmp_path):
         (["--lr-code", "0"], "--lr-code must be > 0"),
         (["--dcgm-momentum", "1"], "--dcgm-momentum must be in"),
         (["--inter-margin", "-1"], "--inter-margin must be >= 0"),
-        (["--intra-positive", "class-embedding"], "needs --net-width 128"),
+        (["--intra-positive", "class-embedding"], "needs --dcgm-feature gap"),
+        (["--intra-positive", "class-embedding", "--dcgm-feature", "gap"], "needs --net-width 128"),
         (["--segment", "4"], "drop --segment"),
     ],
 )

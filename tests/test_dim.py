@@ -176,6 +176,12 @@ def test_dim_runs_end_to_end_and_writes_generators(npz28, tmp_path):
     g, meta = generators.load(out / "generator.pt")
     stage1, _ = generators.load(meta["stage1"])
     assert meta["stage"] == "dim" and set(report["time_split_seconds"]) >= {"stage1_gan", "stage2_matching"}
+    iterations = dim.resolve_config(_args(npz28, out), data.load("npz", npz28)).gan_iterations
+    curve = generators.load(meta["stage1"])[1]["judge_curve"]
+    assert [p["iteration"] for p in curve] == [*range(0, iterations, dim.JUDGE_EVERY), iterations]
+    assert all(0 <= p["consistency"] <= 100 for p in curve)
+    for key in ("judge", "baseline_judge"):  # the set and the stage-1 generator's sample, judged
+        assert 0 <= report[key]["consistency"] <= 100 and report[key]["real_diversity"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(g.state_dict().values(), stage1.state_dict().values()))  # stage 2 moved G
     again, _ = generators.sample(g, 10, 2, 0, meta["normalization"]["mean"], meta["normalization"]["std"])
     assert torch.allclose(again, distilled["images"])

@@ -161,7 +161,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     t0 = time.time()
     pretrained, pretrained_path = generators.pretrain(dataset, config.gan_config)
     timing["gan_pretraining"] = time.time() - t0
-    generator, _ = generators.load(pretrained_path)
+    generator, pretrained_meta = generators.load(pretrained_path)
     generator.train()  # batch norm in train mode during refinement (spec §6.12)
     optimizer = _optimizer(generator, config)
     first = 0
@@ -195,7 +195,8 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
     stats = {"seconds_per_iteration": timing["refinement"] / max(1, config.iterations - first) if config.iterations > first else None,
-             "time_split_seconds": timing, "generator": str(out / "generator.pt"), "method_config": dataclasses.asdict(config)}
+             "time_split_seconds": timing, "generator": str(out / "generator.pt"), "method_config": dataclasses.asdict(config),
+             "pretraining_judge_curve": pretrained_meta.get("judge_curve")}
     baseline = DistillResult(images=base_images, labels=base_labels)
     return DistillResult(images=images, labels=labels, stats=stats, baseline=baseline, baseline_name="pretrained generator")
 

@@ -11,7 +11,7 @@ generator; the distilled set is exactly {x̃_{k,y} = G([z_k ; P e_y]) : k ≤ IP
   as a buffer of the generator. P = Linear(128 → C_z) is trained with G. Measured on Fashion-MNIST: after
   instance norm + ReLU a channel's spatial mean hardly depends on the image, so the ten e_y have pairwise
   cosine similarity ≥ 0.997; they are therefore centred over the classes and unit-normalised before P
-  (``centred``, [ours]) (the same near-constancy holds for GAP₃ of φ below).
+  (``centred``, [ours]) (the same near-constancy holds for GAP₃ of φ below, which is why the losses use f₃).
 * Generator (§B1 [ours]): Linear(2·C_z → W·4·4) → 3 × {(ReLU → Conv3×3 → BN)×2 → nearest ×2} → ReLU →
   Conv3×3 → tanh, 32×32, centre-cropped to 28 for 28 px. Pretrained with DiM's stage-1 loop
   (``dim.gan_iteration``: WGAN-GP + AC, n_critic 1, Adam 1e-4 (0, 0.9), DiM's critic at width W) with
@@ -25,7 +25,9 @@ generator; the distilled set is exactly {x̃_{k,y} = G([z_k ; P e_y]) : k ≤ IP
 
       L_con = L_adv + L_c + L_f + L_intra + L_inter   (all weights 1)
 
-  L_adv (Eq. 1): MLP discriminator on [GAP₃(φ(x)) ; P e_y], BCE, non-saturating G loss, Adam 2e-4
+  f₃ (``--dcgm-feature``, [ours]): φ's flattened pooled block-3 output (the "embed" of the DC/DM code; the paper:
+  "the feature from the last layer"); ``gap`` = its global average pool, which hardly varies between images.
+  L_adv (Eq. 1): MLP discriminator on [f₃(φ(x)) ; P e_y], BCE, non-saturating G loss, Adam 2e-4
   (0.5, 0.999), one D step per G step, taken first on the detached synthetic features (DCGAN order [ours]);
   the condition P e_y is detached in D's input [ours: it is the label side, shared by real and fake].
   L_c: CE of φ's own classifier on the synthetic images. L_f (Eq. 2): per synthetic image
@@ -34,7 +36,7 @@ generator; the distilled set is exactly {x̃_{k,y} = G([z_k ; P e_y]) : k ≤ IP
   ``--lf-reduction sum``). Measured on Fashion-MNIST: with the sum L_f ≈ 5·10³ and its gradient on G has norm
   ≈ 3·10⁴ against a parameter norm of ≈ 30, so the first SGD step (lr 1e-3) saturates G's tanh on every pixel
   and every later gradient is exactly 0; with the mean L_f ≈ 0.6, gradients ≈ 4 and the losses fall.
-  L_intra (Eq. 3, B6.3): L2-normalised f = GAP₃ features, positive = normalised mean φ-feature of the
+  L_intra (Eq. 3, B6.3): L2-normalised f = f₃ features, positive = normalised mean φ-feature of the
   class's real association, negatives the other IPC − 1 samples of the class, τ = 0.1, mean over samples.
   L_inter (Eq. 4, B6.4): normalised class means of f, margin τ_m = 1, mean over ordered class pairs.
   Z: SGD lr 0.01, G and P: SGD lr 0.001, momentum 0.5 both, lr decayed linearly to 0 over the run;
@@ -59,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import augment, data, generators, models
+from ddfast import augment, data, generators, judge, models
 from ddfast.methods import DistillResult, dim
 from ddfast.methods.datadam import siamese_dsa
 from ddfast.methods.random import select as class_balanced_subset
@@ -80,6 +82,10 @@ POSITIVES = ("real-mean", "class-embedding")
 LF_MODES = ("per-sample", "batchmean")
 LF_REDUCTIONS = ("sum", "mean")
 AUGMENTATIONS = ("dsa", "none")
+# What L_intra, L_inter and D see of φ's block 3: "flat" (the flattened pooled output, the "embed" of the DC/DM
+# code) or "gap" (its global average pool). Measured (README, `python -m ddfast.methods.dcgm --probe`): after instance
+# norm + ReLU every channel's spatial mean is ≈ 0.399 for every image, so GAP₃ cannot tell two images apart.
+FEATURES = ("flat", "gap")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # paper: the spec's §B1 sizes. N = DC's outer_loop, which equals the IPC for every IPC DC defines
@@ -136,7 +142,7 @@ generators.ARCHITECTURES["dcgm"] = DCGMGenerator
 
 
 class FeatureDiscriminator(nn.Module):
-    """D of Eq. 1 on features, not images (§B1 [ours]): MLP [GAP₃(φ(x)) ; P e_y] → hidden → LeakyReLU(0.2) → 1.
+    """D of Eq. 1 on features, not images (§B1 [ours]): MLP [f₃(φ(x)) ; P e_y] → hidden → LeakyReLU(0.2) → 1.
     Returns the logit; the sigmoid of the paper's D lives in the BCE (numerically stable, same value)."""
 
     def __init__(self, feature_dim: int, cond_dim: int, hidden: int = 256) -> None:
@@ -223,19 +229,36 @@ def phi_outputs(net: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     return blocks, net.classifier(h.flatten(1))
 
 
+def block3_feature(block: Tensor, feature: str) -> Tensor:
+    """[n, D] what L_intra, L_inter and D see of φ's last pooled block output [n, C, h, w] (``FEATURES``)."""
+    if feature == "flat":
+        return block.flatten(1)
+    if feature == "gap":
+        return block.mean((2, 3))
+    raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+
+
+@torch.no_grad()
+def feature_dim(phi: nn.Module, dataset: data.Dataset, feature: str) -> int:
+    """D's feature width for φ on this dataset (one dry forward of a blank image)."""
+    blocks, _ = phi_outputs(phi, torch.zeros(1, dataset.channels, *dataset.image_size))
+    return block3_feature(blocks[-1], feature).shape[1]
+
+
 @dataclasses.dataclass
 class RealStats:
     means: list[Tensor]  # per block [K, C, H, W]: class means of φ's block outputs over the association
     counts: Tensor  # [K]
-    gap: Tensor  # [n, C]: GAP₃ of every association image (the discriminator's real input)
+    features: Tensor  # [n, D]: block-3 feature (``block3_feature``) of every association image (D's real input)
 
 
 @torch.no_grad()
-def real_statistics(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, chunk: int = CHUNK) -> RealStats:
+def real_statistics(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, chunk: int = CHUNK,
+                    feature: str = "flat") -> RealStats:
     """The association's pass through φ, ``chunk`` images at a time: each chunk's block outputs are added
     into per-class float64 sums and dropped, so at most [chunk, C, H, W] activations live at once (§B4)."""
     sums: list[Tensor] = []
-    gaps = []
+    features = []
     for start in range(0, x.shape[0], chunk):
         y = labels[start:start + chunk]
         blocks, _ = phi_outputs(net, x[start:start + chunk])
@@ -243,11 +266,11 @@ def real_statistics(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int,
             sums = [torch.zeros(num_classes, *b.shape[1:], dtype=torch.float64) for b in blocks]
         for s, b in zip(sums, blocks):
             s.index_add_(0, y, b.double())
-        gaps.append(blocks[-1].mean((2, 3)))
+        features.append(block3_feature(blocks[-1], feature))
         del blocks
     counts = torch.bincount(labels, minlength=num_classes)
     means = [(s / counts.clamp_min(1).view(-1, *[1] * (s.dim() - 1))).to(x.dtype) for s in sums]
-    return RealStats(means, counts, torch.cat(gaps))
+    return RealStats(means, counts, torch.cat(features))
 
 
 @torch.no_grad()
@@ -294,6 +317,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--intra-positive", choices=POSITIVES, default="real-mean",
                        help="dcgm: L_intra's positive: the normalised mean φ-feature of the class's real association (default) or "
                        "the class embedding e_y, the literal reading (needs --net-width 128)")
+    group.add_argument("--dcgm-feature", choices=FEATURES, default="flat",
+                       help="dcgm: what L_intra, L_inter and the discriminator see of φ's block 3: its flattened pooled output "
+                       "(flat, default: the DC/DM code's embed) or its global average pool (gap: ≈ the same vector for every image "
+                       "after instance norm, measured)")
     group.add_argument("--lf", choices=LF_MODES, default="per-sample",
                        help="dcgm: L_f per synthetic image to its association's mean (the paper) or class batch mean to mean (CAFE)")
     group.add_argument("--lf-reduction", choices=LF_REDUCTIONS, default="mean",
@@ -327,6 +354,7 @@ class Config:
     intra_tau: float
     inter_margin: float
     intra_positive: str
+    feature: str
     lf: str
     lf_reduction: str
     aug: str
@@ -357,7 +385,7 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
         inner_loop=args.inner_loop, batch_real=pick(args.batch_real, "batch_real"), net_batch=pick(args.net_batch, "net_batch"),
         net_width=pick(args.net_width, "net_width"), lr_code=args.lr_code, lr_gen=1e-3 if args.lr_gen is None else args.lr_gen,
         lr_phi=args.lr_phi, momentum=args.dcgm_momentum, lr_disc=args.lr_disc, disc_hidden=args.disc_hidden, intra_tau=args.intra_tau,
-        inter_margin=args.inter_margin, intra_positive=args.intra_positive, lf=args.lf,
+        inter_margin=args.inter_margin, intra_positive=args.intra_positive, feature=args.dcgm_feature, lf=args.lf,
         lf_reduction=args.lf_reduction, aug=args.dcgm_aug, seed=args.seed,
     )
     for name, value in (("--gen-width", config.width), ("--z-dim", config.z_dim), ("--gan-iterations", config.gan_iterations),
@@ -386,6 +414,8 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     smallest = int(torch.bincount(dataset.train_labels, minlength=dataset.num_classes).min())
     if config.batch_real > smallest:
         raise ValueError(f"--batch-real {config.batch_real} exceeds the smallest class ({smallest} training images)")
+    if config.intra_positive == "class-embedding" and config.feature != "gap":
+        raise ValueError("--intra-positive class-embedding compares GAP₃ features with the class embedding: needs --dcgm-feature gap")
     if config.intra_positive == "class-embedding" and config.net_width != EMBED_WIDTH:
         raise ValueError(f"--intra-positive class-embedding compares φ features with the {EMBED_WIDTH}-d class embedding: "
                          f"needs --net-width {EMBED_WIDTH}, got {config.net_width}")
@@ -408,31 +438,37 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     path = pretrained_path(dataset, config)
     if path.is_file():
         return path
+    pair = judge.get_judge(dataset)  # first: training it reseeds the global RNG, which the lines below then set
     kwargs = config.generator_kwargs(dataset)
     torch.manual_seed(config.seed)
     g = DCGMGenerator(**kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = dim._adam(g), dim._adam(d)  # Adam 1e-4, betas (0, 0.9): DiM's stage 1
     partial = path.with_suffix(".partial.pt")
-    start, teacher_acc = 0, None
+    start, teacher_acc, curve = 0, None, []
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
         generators.restore_gan_state(blob, g, d, opt_g, opt_d)
-        start, teacher_acc = blob["iteration"], blob["teacher_acc"]
+        start, teacher_acc, curve = blob["iteration"], blob["teacher_acc"], blob["judge_curve"]
     else:
         extractor, teacher_acc = get_teacher(dataset, EMBED_MODEL, EMBED_WIDTH, config.teacher_epochs, seed=0,
                                              train_images=config.teacher_images)
         g.class_embedding.copy_(centred(class_embeddings(extractor, dataset)))
     bar = progress(total=config.gan_iterations, initial=start, desc=f"DCGM generator pretraining ({dataset.name})", unit="it")
     for it in range(start, config.gan_iterations):
+        if it % dim.JUDGE_EVERY == 0:
+            curve.append(judge.curve_point(pair, g, dataset, it))
         stats = dim.gan_iteration(g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed, it)
         bar.update()
-        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
+        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", consistency=f"{curve[-1]['consistency']:.1f}%")
         if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, teacher_acc=teacher_acc), partial)
+            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, teacher_acc=teacher_acc, judge_curve=curve),
+                              partial)
     bar.close()
+    curve.append(judge.curve_point(pair, g, dataset, config.gan_iterations))
     generators.save(path, g, "dcgm", kwargs, {"dataset": dataset.name, "stage": "dcgm pretraining (DiM stage-1 GAN)",
                                              "method_config": dataclasses.asdict(config), "embedding_teacher_test_acc": teacher_acc,
+                                             "judge_curve": curve,
                                              "class_names": list(dataset.class_names),
                                              "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     partial.unlink(missing_ok=True)
@@ -478,9 +514,9 @@ def new_state(dataset: data.Dataset, config: Config, pretrained: Path) -> State:
     g, _ = generators.load(pretrained)  # eval mode
     gen = torch.Generator().manual_seed(config.seed)
     codes = torch.randn(config.ipc, config.z_dim, generator=gen).requires_grad_(True)  # [ours] Z from N(0, I), G's pretraining prior
+    phi, opt_phi = new_phi(dataset, config, 0)  # seeds itself
     torch.manual_seed(config.seed * 1_000_037)
-    disc = FeatureDiscriminator(config.net_width, config.z_dim, config.disc_hidden)
-    phi, opt_phi = new_phi(dataset, config, 0)
+    disc = FeatureDiscriminator(feature_dim(phi, dataset, config.feature), config.z_dim, config.disc_hidden)
     return State(codes=codes, generator=g, disc=disc,
                  opt_code=torch.optim.SGD([codes], lr=config.lr_code, momentum=config.momentum),
                  opt_gen=torch.optim.SGD(g.parameters(), lr=config.lr_gen, momentum=config.momentum),
@@ -504,18 +540,18 @@ def condense_step(state: State, dataset: data.Dataset, config: Config, step: int
     if config.aug == "dsa":  # one draw per class shared by its real and synthetic images (siamese)
         xr, xs = siamese_dsa(xr, xs, yr, ys, k, gen)
     dim._freeze(state.phi, True)  # L_con moves (Z, G) only; φ learns from real data alone
-    real = real_statistics(state.phi, xr, yr, k)
+    real = real_statistics(state.phi, xr, yr, k, feature=config.feature)
     syn_blocks, logits = phi_outputs(state.phi, xs)
-    f_syn = syn_blocks[-1].mean((2, 3))
+    f_syn = block3_feature(syn_blocks[-1], config.feature)
     cond = state.generator.condition(torch.arange(k)).detach()  # P e_y: the label side of D, for real and fake alike
     dim._freeze(state.disc, False)
-    loss_d = discriminator_loss(state.disc, real.gap, cond[yr], f_syn.detach(), cond[ys])
+    loss_d = discriminator_loss(state.disc, real.features, cond[yr], f_syn.detach(), cond[ys])
     state.opt_disc.zero_grad(set_to_none=True)
     loss_d.backward()
     state.opt_disc.step()
     dim._freeze(state.disc, True)
     if config.intra_positive == "real-mean":
-        positives = real.means[-1].mean((2, 3))  # GAP of the class-mean block-3 output = class mean of GAP₃
+        positives = block3_feature(real.means[-1], config.feature)  # = the class mean of the association's features
     else:
         positives = state.generator.class_embedding
     losses = {"adv": generator_adversarial_loss(state.disc, f_syn, cond[ys]), "c": classification_loss(logits, ys),
@@ -608,12 +644,13 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
             "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
     generators.save(out / "generator.pt", g, "dcgm", config.generator_kwargs(dataset), meta)
     atomic_torch_save({"codes": state.codes.detach().clone(), "num_classes": k}, out / "codebook.pt")
-    base, _ = generators.load(pretrained)
+    base, pretrained_meta = generators.load(pretrained)
     base_images, base_labels = generators.sample(base, k, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
     done = config.steps - first
     stats_out = {"seconds_per_iteration": timing["condensation"] / done if done else None, "time_split_seconds": timing,
                  "generator": str(out / "generator.pt"), "codebook": str(out / "codebook.pt"), "pretrained_generator": str(pretrained),
+                 "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
                  "method_config": dataclasses.asdict(config)}
     return DistillResult(images=images, labels=labels, stats=stats_out, baseline=DistillResult(images=base_images, labels=base_labels),
                          baseline_name="pretrained generator")
@@ -631,10 +668,69 @@ def _describe(config: Config, preset: str) -> str:
         f"N {c.outer_loop} × M {c.inner_loop} = {c.steps} steps, all {c.ipc} codes × every class per step, φ = ConvNet-D3 "
         f"w{c.net_width} instance norm, one SGD step (lr {c.lr_phi:g}, momentum 0, CE) on {c.net_batch} real images after every M "
         f"steps except a round's last; association {c.batch_real} real images per class; {aug}; L_con = L_adv + L_c + L_f + "
-        f"L_intra + L_inter: D = MLP [GAP₃ ; P e_y] → {c.disc_hidden} → LeakyReLU 0.2 → 1, BCE, non-saturating, Adam {c.lr_disc:g} "
+        f"L_intra + L_inter on {'flattened block-3 output' if c.feature == 'flat' else 'GAP₃'}: D = MLP [f₃ ; P e_y] → {c.disc_hidden} → LeakyReLU 0.2 → 1, BCE, non-saturating, Adam {c.lr_disc:g} "
         f"{DISC_BETAS}, one D step first per step; L_c = CE of φ's classifier; L_f {c.lf} over φ's 3 pooled block outputs "
         f"({c.lf_reduction} over C·H·W); "
         f"L_intra τ {c.intra_tau:g}, positive = {positive}; L_inter margin {c.inter_margin:g} on normalised class means, mean over "
         f"ordered pairs; SGD Z lr {c.lr_code:g}, G+P lr {c.lr_gen:g}, momentum {c.momentum:g}, linear decay to 0; checkpoint every "
         f"{CHECKPOINT_EVERY} steps"
     )
+
+
+# ----------------------------------------------------------------------------- the feature probe (README)
+
+
+def feature_probe(dataset: data.Dataset, per_class: int = 10, association: int = 64, net_width: int = 128, tau: float = 0.1,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """Can a feature tell images apart? On ``per_class`` real images per class (standing in for the synthetic set)
+    and a fresh φ (ConvNet-D3 w``net_width``, instance norm), per entry of ``FEATURES``: the mean pairwise cosine
+    of the features (same class, different class), L_intra (positive = the class mean over ``association`` real
+    images per class) and the input-gradient norms of L_intra, L_inter, L_f and L_c (one φ, one draw)."""
+    k = dataset.num_classes
+    idx = class_balanced_subset(dataset.train_labels, k, per_class, seed)
+    x, y = dataset.normalize(dataset.train_images[idx]), dataset.train_labels[idx]
+    assoc = class_balanced_subset(dataset.train_labels, k, association, seed + 1)
+    torch.manual_seed(seed)
+    phi = models.create(PHI_MODEL, dataset.channels, k, dataset.image_size, width=net_width).train()
+    same = y[:, None] == y[None, :]
+    off_diagonal = ~torch.eye(len(y), dtype=torch.bool)
+
+    def grad_norm(loss: Tensor, inp: Tensor) -> float:
+        (g,) = torch.autograd.grad(loss, inp, retain_graph=True)
+        return float(g.norm())
+
+    out = {}
+    for feature in FEATURES:
+        real = real_statistics(phi, dataset.normalize(dataset.train_images[assoc]), dataset.train_labels[assoc], k, feature=feature)
+        xs = x.clone().requires_grad_(True)
+        blocks, logits = phi_outputs(phi, xs)
+        f = block3_feature(blocks[-1], feature)
+        fn = F.normalize(f.detach().double(), dim=1)
+        cos = fn @ fn.T
+        intra = intra_class_loss(f, y, block3_feature(real.means[-1], feature), tau)
+        out[feature] = {
+            "dim": f.shape[1], "cos_same_class": float(cos[same & off_diagonal].mean()), "cos_other_class": float(cos[~same].mean()),
+            "intra": float(intra.detach()), "grad_intra": grad_norm(intra, xs), "grad_inter": grad_norm(inter_class_loss(f, y, 1.0), xs),
+            "grad_f": grad_norm(feature_matching_loss(blocks, real.means, y), xs), "grad_c": grad_norm(classification_loss(logits, y), xs),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddfast.methods.dcgm", description="DCGM's feature probe (see feature_probe)")
+    parser.add_argument("--probe", action="store_true", required=True, help="run the probe and print one row per feature")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--seeds", type=int, default=3, help="φ/image draws averaged (default 3)")
+    args = parser.parse_args(argv)
+    dataset = data.load(args.dataset)
+    runs = [feature_probe(dataset, seed=s) for s in range(args.seeds)]
+    keys = list(runs[0][FEATURES[0]])
+    print("| feature | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+    for feature in FEATURES:
+        cells = [f"{sum(r[feature][key] for r in runs) / len(runs):.4g}" for key in keys]
+        print(f"| {feature} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import data, generators, models
+from ddfast import data, generators, judge, models
 from ddfast.diffaug import diffaug
 from ddfast.methods import DistillResult
 from ddfast.train import accuracy
@@ -49,6 +49,7 @@ from ddfast.utils import atomic_torch_save, cache_dir, progress
 NAME = "dim"
 POOL = ("convnet", "resnet10-dim", "resnet18-dim", "resnet10ap-dim", "resnet18ap-dim")
 MATCH_AUG, TRAIN_AUG = "color_crop_cutout", "color_crop"  # gen_condense.py:337 aug_type, cutout removed for aug_rand
+JUDGE_EVERY = 250  # stage-1 iterations between two points of the judge's curve (ddfast.judge.curve_point)
 GP_WEIGHT = 10.0  # gen_condense.py:149
 ADAM_LR, ADAM_BETAS = 1e-4, (0.0, 0.9)  # gen_condense.py:381,434-435
 POOL_SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}  # pool_match.py: eval_lr, momentum, weight_decay
@@ -279,28 +280,32 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     path = stage1_path(dataset, config)
     if path.is_file() and _stage1_state(path).is_file():
         return path
+    pair = judge.get_judge(dataset)  # first: training it reseeds the global RNG, which the lines below then set
     kwargs = config.generator_kwargs(dataset)
     torch.manual_seed(config.seed)
     g = generators.create("dim", **kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = _adam(g), _adam(d)
     partial = path.with_suffix(".partial.pt")
-    start = 0
+    start, curve = 0, []
     if partial.is_file():
         blob = torch.load(partial, map_location="cpu", weights_only=True)
         generators.restore_gan_state(blob, g, d, opt_g, opt_d)
-        start = blob["iteration"]
+        start, curve = blob["iteration"], blob["judge_curve"]
     bar = progress(total=config.gan_iterations, initial=start, desc=f"DiM stage 1 GAN ({dataset.name})", unit="it")
     for it in range(start, config.gan_iterations):
+        if it % JUDGE_EVERY == 0:
+            curve.append(judge.curve_point(pair, g, dataset, it))
         stats = gan_iteration(g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed, it)
         bar.update()
-        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}")
+        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", consistency=f"{curve[-1]['consistency']:.1f}%")
         if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1), partial)
+            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, judge_curve=curve), partial)
     bar.close()
+    curve.append(judge.curve_point(pair, g, dataset, config.gan_iterations))
     atomic_torch_save({"d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, _stage1_state(path))
     generators.save(path, g, "dim", kwargs, {"dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config),
-                                            "class_names": list(dataset.class_names),
+                                            "judge_curve": curve, "class_names": list(dataset.class_names),
                                             "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     partial.unlink(missing_ok=True)
     return path
@@ -408,11 +413,12 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
             "class_names": list(dataset.class_names), "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
     generators.save(out / "generator.pt", g, "dim", config.generator_kwargs(dataset), meta)
     images, labels = generators.sample(g, dataset.num_classes, config.ipc, args.seed, dataset.mean, dataset.std)
-    pretrained, _ = generators.load(stage1)
+    pretrained, pretrained_meta = generators.load(stage1)
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, args.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
     stats = {"seconds_per_iteration": timing["stage2_matching"] / max(1, config.iterations - first) if config.iterations > first else None,
              "time_split_seconds": timing, "generator": str(out / "generator.pt"), "stage1_generator": str(stage1),
+             "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
              "method_config": dataclasses.asdict(config)}
     if args.inpc_epochs:
         t3 = time.time()
