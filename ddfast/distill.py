@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ddfast import __version__, backend, data, io, judge
-from ddfast.evaluate import add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
+from ddfast.evaluate import DEFAULT_EPOCHS, add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.selection import INITS
 from ddfast.utils import atomic_write_text, seed_everything
 
@@ -99,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 # What --preset paper evaluates with when --eval-epochs / --recipe are not given: G-VBSM and SRe2L
 # report the relabel recipe with E = 1000 (CIFAR rows), APM 1000 evaluation epochs.
 PAPER_EVAL = {"gvbsm": ("fkd", 1000), "sre2l": ("fkd", 1000), "apm": ("static", 1000)}
-DEFAULT_EVAL = ("static", 300)
+DEFAULT_EVAL = ("static", DEFAULT_EPOCHS)
 
 
 def resolve_evaluation(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from ddfast import data, generators
 from ddfast.distill import build_parser, run
+from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import dim
 from ddfast.testing import rel_error
 
@@ -214,6 +216,21 @@ def test_on_the_fly_protocol_draws_fresh_images_and_reports_both_numbers(npz28):
     r = dim.evaluate_on_the_fly(g, ds, ipc=2, epochs=5, runs=2, seed=0)
     assert len(r["accs"]) == 2 and r["max_of_5_mean"] >= r["mean"] and "on-the-fly" in r["protocol"]
     assert r == {**dim.evaluate_on_the_fly(g, ds, ipc=2, epochs=5, runs=2, seed=0), "seconds": r["seconds"]}  # seeded
+
+
+def test_evaluate_cli_runs_the_on_the_fly_protocol_on_a_generator_file(npz28, tmp_path, capsys):
+    ds = data.load("npz", npz28)
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10, "channels": 1, "image_size": 28, "z_dim": 16, "width": 8}
+    g = generators.DiMGenerator(**kwargs)
+    generators.save(tmp_path / "g.pt", g, "dim", kwargs, {"dataset": "npz"})
+    base = ["--data-dir", str(npz28), "--on-the-fly"]
+    assert evaluate_main([str(tmp_path / "g.pt"), *base, "--ipc", "2", "--epochs", "5", "--runs", "2", "--json", str(tmp_path / "r.json")]) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["accs"] == dim.evaluate_on_the_fly(g, ds, ipc=2, epochs=5, runs=2, seed=0)["accs"]
+    assert "max of 5 test points" in capsys.readouterr().out
+    assert evaluate_main([str(tmp_path / "g.pt"), *base]) == 2  # --ipc missing
+    assert evaluate_main([str(tmp_path / "missing.pt"), *base, "--ipc", "2"]) == 2
 
 
 @pytest.mark.parametrize(
