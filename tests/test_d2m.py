@@ -136,8 +136,10 @@ def test_sigkill_resumes_to_the_same_generator(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(ckpt, weights_only=True)["iteration"] in (25, 50) and not (out / "distilled.pt").exists()
-    resumed, _ = _run(tmp_path, "killed", *extra)
+    resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
+    # the checkpoint's time covers the iterations before the kill: per iteration over all 60
+    assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["refinement"] / 60)
 
 
 @pytest.mark.parametrize(

@@ -269,7 +269,8 @@ def test_sigkill_resumes_to_the_same_images(npz28, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(ckpt, weights_only=True)["step"] in (10, 20, 30) and not (out / "distilled.pt").exists()
-    distill.run(_args(npz28, out, *extra))
+    report = distill.run(_args(npz28, out, *extra))
+    assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["condensation"] / 40)  # over all steps
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]
     b = torch.load(out / "distilled.pt", weights_only=True)["images"]
     assert torch.equal(a, b)
@@ -308,7 +309,7 @@ def test_presets_resolve_to_the_spec_sizes(npz28):
     parse = lambda *a: distill.build_parser().parse_args(["--method", "dcgm", "--gan-batch", "20", "--net-batch", "20", *a])  # noqa: E731
     paper = dcgm.resolve_config(parse("--preset", "paper", "--ipc", "50", "--batch-real", "4", "--gan-iterations", "5"), ds)
     assert (paper.width, paper.iterations, paper.outer_loop, paper.net_width, paper.teacher_images) == (128, 1000, 50, 128, 0)
-    assert dcgm.dim._iterations(dcgm.PRESETS["paper"]["gan_iterations"], 60000) == 120 * 468  # DiM's 120 epochs at batch 128
+    assert dcgm.dim.preset_iterations(dcgm.PRESETS["paper"]["gan_iterations"], 60000) == 120 * 468  # DiM's 120 epochs at batch 128
     assert dcgm.PRESETS["paper"]["batch_real"] == 256 and dcgm.PRESETS["paper"]["net_batch"] == 256
     default = dcgm.resolve_config(parse("--ipc", "1", "--batch-real", "4"), ds)
     assert (default.width, default.steps, default.lr_code, default.lr_gen, default.momentum) == (64, 300, 0.01, 1e-3, 0.5)

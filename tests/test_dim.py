@@ -203,7 +203,8 @@ def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(ckpt, weights_only=True)["iteration"] in (10, 20, 30) and not (out / "distilled.pt").exists()
-    run(_args(npz28, out, *extra))
+    report = run(_args(npz28, out, *extra))
+    assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["stage2_matching"] / 40)  # over all 40
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]
     b = torch.load(out / "distilled.pt", weights_only=True)["images"]
     assert torch.equal(a, b)

@@ -194,7 +194,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     images, labels = generators.sample(generator, dataset.num_classes, config.ipc, config.seed, dataset.mean, dataset.std)
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    stats = {"seconds_per_iteration": timing["refinement"] / max(1, config.iterations - first) if config.iterations > first else None,
+    stats = {"seconds_per_iteration": timing["refinement"] / config.iterations if config.iterations else None,  # timing spans resumes
              "time_split_seconds": timing, "generator": str(out / "generator.pt"), "method_config": dataclasses.asdict(config),
              "pretraining_judge_curve": pretrained_meta.get("judge_curve")}
     baseline = DistillResult(images=base_images, labels=base_labels)

@@ -63,10 +63,9 @@ import torch.nn.functional as F
 
 from ddfast import augment, data, generators, judge, models
 from ddfast.methods import DistillResult, dim
-from ddfast.methods.datadam import siamese_dsa
-from ddfast.methods.random import select as class_balanced_subset
+from ddfast.selection import class_balanced_subset
 from ddfast.train import get_teacher
-from ddfast.utils import atomic_torch_save, cache_dir, progress
+from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
 
 Tensor = torch.Tensor
 
@@ -376,7 +375,7 @@ class Config:
 def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     """Fill preset defaults and reject bad arguments before any work starts."""
     preset, n = PRESETS[args.preset], len(dataset.train_labels)
-    pick = lambda value, key: dim._iterations(preset[key], n) if value is None else value  # noqa: E731
+    pick = lambda value, key: dim.preset_iterations(preset[key], n) if value is None else value  # noqa: E731
     outer = args.outer_loop if args.outer_loop is not None else (preset["outer_loop"] or args.ipc)
     config = Config(
         ipc=args.ipc, width=pick(args.gen_width, "gen_width"), z_dim=args.z_dim, gan_iterations=pick(args.gan_iterations, "gan_iterations"),
@@ -443,7 +442,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     torch.manual_seed(config.seed)
     g = DCGMGenerator(**kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
-    opt_g, opt_d = dim._adam(g), dim._adam(d)  # Adam 1e-4, betas (0, 0.9): DiM's stage 1
+    opt_g, opt_d = dim.stage1_adam(g), dim.stage1_adam(d)  # Adam 1e-4, betas (0, 0.9): DiM's stage 1
     partial = path.with_suffix(".partial.pt")
     start, teacher_acc, curve = 0, None, []
     if partial.is_file():
@@ -538,18 +537,18 @@ def condense_step(state: State, dataset: data.Dataset, config: Config, step: int
     raw, ys = synthesize(state.generator, state.codes, k)
     xs = generators.to_dataset_space(raw, dataset.mean, dataset.std)
     if config.aug == "dsa":  # one draw per class shared by its real and synthetic images (siamese)
-        xr, xs = siamese_dsa(xr, xs, yr, ys, k, gen)
-    dim._freeze(state.phi, True)  # L_con moves (Z, G) only; φ learns from real data alone
+        xr, xs = augment.siamese_dsa(xr, xs, yr, ys, k, gen)
+    freeze(state.phi, True)  # L_con moves (Z, G) only; φ learns from real data alone
     real = real_statistics(state.phi, xr, yr, k, feature=config.feature)
     syn_blocks, logits = phi_outputs(state.phi, xs)
     f_syn = block3_feature(syn_blocks[-1], config.feature)
     cond = state.generator.condition(torch.arange(k)).detach()  # P e_y: the label side of D, for real and fake alike
-    dim._freeze(state.disc, False)
+    freeze(state.disc, False)
     loss_d = discriminator_loss(state.disc, real.features, cond[yr], f_syn.detach(), cond[ys])
     state.opt_disc.zero_grad(set_to_none=True)
     loss_d.backward()
     state.opt_disc.step()
-    dim._freeze(state.disc, True)
+    freeze(state.disc, True)
     if config.intra_positive == "real-mean":
         positives = block3_feature(real.means[-1], config.feature)  # = the class mean of the association's features
     else:
@@ -581,7 +580,7 @@ def phi_step(state: State, dataset: data.Dataset, config: Config, gen: torch.Gen
     x = dataset.normalize(dataset.train_images[idx])
     if config.aug == "dsa":
         x = augment.dsa(x, generator=gen)
-    dim._freeze(state.phi, False)
+    freeze(state.phi, False)
     loss = F.cross_entropy(state.phi(x), dataset.train_labels[idx])
     state.opt_phi.zero_grad(set_to_none=True)
     loss.backward()
@@ -647,8 +646,8 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     base, pretrained_meta = generators.load(pretrained)
     base_images, base_labels = generators.sample(base, k, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    done = config.steps - first
-    stats_out = {"seconds_per_iteration": timing["condensation"] / done if done else None, "time_split_seconds": timing,
+    # the checkpoint carries the time of the steps before a resume: per step over all of them
+    stats_out = {"seconds_per_iteration": timing["condensation"] / config.steps if config.steps else None, "time_split_seconds": timing,
                  "generator": str(out / "generator.pt"), "codebook": str(out / "codebook.pt"), "pretrained_generator": str(pretrained),
                  "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
                  "method_config": dataclasses.asdict(config)}

@@ -44,7 +44,7 @@ from ddfast.diffaug import diffaug
 from ddfast.methods import DistillResult
 from ddfast.on_the_fly import SGD_ARGS as POOL_SGD
 from ddfast.on_the_fly import TRAIN_AUG, evaluate_on_the_fly
-from ddfast.utils import atomic_torch_save, cache_dir, progress
+from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
 
 NAME = "dim"
 POOL = ("convnet", "resnet10-dim", "resnet18-dim", "resnet10ap-dim", "resnet18ap-dim")
@@ -103,7 +103,7 @@ class Config:
                 "z_dim": self.z_dim, "width": self.width, "cond": self.cond}
 
 
-def _iterations(value: Any, n: int) -> int:
+def preset_iterations(value: Any, n: int) -> int:
     """A preset entry: an iteration count, or ("epochs", E, batch) = E passes of n // batch iterations."""
     if isinstance(value, tuple):
         _, epochs, batch = value
@@ -114,7 +114,7 @@ def _iterations(value: Any, n: int) -> int:
 def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     """Fill preset defaults and reject bad arguments before any work starts."""
     preset, n = PRESETS[args.preset], len(dataset.train_labels)
-    pick = lambda value, key: _iterations(preset[key], n) if value is None else value  # noqa: E731
+    pick = lambda value, key: preset_iterations(preset[key], n) if value is None else value  # noqa: E731
     pool = [m.strip() for m in args.pool.split(",") if m.strip()]
     config = Config(ipc=args.ipc, width=pick(args.gen_width, "gen_width"), z_dim=args.z_dim, cond=args.cond,
                     gan_iterations=pick(args.gan_iterations, "gan_iterations"), gan_batch=pick(args.gan_batch, "gan_batch"),
@@ -148,11 +148,6 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
 
 
 # ----------------------------------------------------------------------------- one GAN iteration
-
-
-def _freeze(module: nn.Module, frozen: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(not frozen)
 
 
 def real_batch(dataset: data.Dataset, batch: int, seed: int, it: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +213,7 @@ def new_pool_model(dataset: data.Dataset, config: Config, it: int) -> PoolState:
 def train_pool_model(pool: PoolState, dataset: data.Dataset, steps: int, batch: int, gen: torch.Generator) -> None:
     """``steps`` SGD steps of CE on real batches, per-sample color+crop DiffAug (pool_match.py:370-385)."""
     n = len(dataset.train_labels)
-    _freeze(pool.model, False)
+    freeze(pool.model, False)
     for _ in range(steps):
         idx = torch.randint(n, (batch,), generator=gen)
         x = diffaug(dataset.normalize(dataset.train_images[idx]), TRAIN_AUG, per_sample=True, generator=gen)
@@ -236,14 +231,14 @@ def gan_iteration(generator: nn.Module, critic: nn.Module, opt_g: torch.optim.Op
     x01, y = real_batch(dataset, batch, seed, it)
     real = x01 * 2 - 1
     generator.train()
-    _freeze(critic, True)  # the code's critic weight grads of the G step are zeroed before its D step
+    freeze(critic, True)  # the code's critic weight grads of the G step are zeroed before its D step
     fake = generator(torch.randn(batch, generator.z_dim, generator=gen), y)
     score, logits = critic(fake)
     loss_g = -score.mean() + F.cross_entropy(logits, y)
     stats = {"loss_g": float(loss_g.detach())}
     if pool is not None:
         train_pool_model(pool, dataset, pool_steps, batch, gen)
-        _freeze(pool.model, True)
+        freeze(pool.model, True)
         both = diffaug(torch.cat([dataset.normalize(x01), generators.to_dataset_space(fake, dataset.mean, dataset.std)]),
                        MATCH_AUG, per_sample=False, generator=gen)
         loss_m = logits_match_loss(pool.model, both[:batch], both[batch:], match_weight)
@@ -252,7 +247,7 @@ def gan_iteration(generator: nn.Module, critic: nn.Module, opt_g: torch.optim.Op
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
-    _freeze(critic, False)
+    freeze(critic, False)
     stats["loss_d"] = critic_step(generator, critic, opt_d, real, y, dataset.num_classes, gen)
     return stats
 
@@ -260,7 +255,8 @@ def gan_iteration(generator: nn.Module, critic: nn.Module, opt_g: torch.optim.Op
 # ----------------------------------------------------------------------------- stages
 
 
-def _adam(module: nn.Module, lr: float = ADAM_LR) -> torch.optim.Adam:
+def stage1_adam(module: nn.Module, lr: float = ADAM_LR) -> torch.optim.Adam:
+    """Adam of DiM's GAN (gen_condense.py:381,434-435); DCGM pretrains its generator with the same loop."""
     return torch.optim.Adam(module.parameters(), lr=lr, betas=ADAM_BETAS)
 
 
@@ -284,7 +280,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     torch.manual_seed(config.seed)
     g = generators.create("dim", **kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
-    opt_g, opt_d = _adam(g), _adam(d)
+    opt_g, opt_d = stage1_adam(g), stage1_adam(d)
     partial = path.with_suffix(".partial.pt")
     start, curve = 0, []
     if partial.is_file():
@@ -315,7 +311,7 @@ def _load_stage1(dataset: data.Dataset, config: Config, path: Path) -> tuple[nn.
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     state = torch.load(_stage1_state(path), map_location="cpu", weights_only=True)
     d.load_state_dict(state["d"])
-    opt_g, opt_d = _adam(g), _adam(d)
+    opt_g, opt_d = stage1_adam(g), stage1_adam(d)
     opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
     for opt in (opt_g, opt_d):  # pool_match.py:551-559 resets the learning rate of both loaded optimisers
         for group in opt.param_groups:
@@ -368,7 +364,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     pretrained, pretrained_meta = generators.load(stage1)
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, args.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    stats = {"seconds_per_iteration": timing["stage2_matching"] / max(1, config.iterations - first) if config.iterations > first else None,
+    stats = {"seconds_per_iteration": timing["stage2_matching"] / config.iterations if config.iterations else None,  # spans resumes
              "time_split_seconds": timing, "generator": str(out / "generator.pt"), "stage1_generator": str(stage1),
              "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
              "method_config": dataclasses.asdict(config)}
