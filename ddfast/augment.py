@@ -149,3 +149,26 @@ def crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None =
     if flip:
         out = torch.where(_rand(x, generator, n, 1, 1, 1) < 0.5, out.flip(3), out)
     return out.contiguous()
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+def siamese_dsa(real: torch.Tensor, syn: torch.Tensor, real_labels: torch.Tensor, syn_labels: torch.Tensor, num_classes: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DSA draw per class shared by its real and synthetic images (DataDAM main:276-280, whose
+    DiffAugment reseeds before every parameter draw, so the i-th real and the i-th synthetic image of a
+    class get the same transform whatever the two batch sizes): both sides are padded to the larger
+    count for the draw and cut back. Returned in their input order."""
+    out_r = torch.empty_like(real)
+    parts = []
+    for k in range(num_classes):
+        ir, is_ = (real_labels == k).nonzero().flatten(), (syn_labels == k).nonzero().flatten()
+        rows = max(len(ir), len(is_))
+        seed = int(torch.randint(2**62, (1,), generator=gen))
+        out_r[ir] = dsa(_padded(real[ir], rows), generator=torch.Generator().manual_seed(seed))[:len(ir)]
+        parts.append((is_, dsa(_padded(syn[is_], rows), generator=torch.Generator().manual_seed(seed))[:len(is_)]))
+    order = torch.cat([i for i, _ in parts])
+    syn_aug = torch.cat([x for _, x in parts])[torch.argsort(order)]
+    return out_r, syn_aug

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ddfast import data, fkd, generators, io, models, on_the_fly
-from ddfast.methods.random import select as class_balanced_subset
+from ddfast.selection import class_balanced_subset
 from ddfast.train import TrainConfig, accuracy, fit, load_teacher_pool
 from ddfast.utils import atomic_write_text, seed_everything
 

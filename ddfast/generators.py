@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ddfast import data
 from ddfast._version import __version__
-from ddfast.io import _check_plain
+from ddfast.io import check_plain
 from ddfast.utils import atomic_torch_save, cache_dir, progress
 
 FORMAT = "ddfast-generator"
@@ -169,8 +169,8 @@ def create(arch: str, **kwargs: Any) -> nn.Module:
 def save(path: str | os.PathLike, generator: nn.Module, arch: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write a generator file atomically (state dict + architecture + plain metadata)."""
     meta = {**meta, "ddfast_version": __version__}
-    _check_plain(meta, "meta")
-    _check_plain(kwargs, "kwargs")
+    check_plain(meta, "meta")
+    check_plain(kwargs, "kwargs")
     atomic_torch_save({"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "kwargs": kwargs,
                        "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()}, "meta": meta}, path)
 

@@ -20,15 +20,15 @@ FORMAT_VERSION = 1
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"metadata key {key!r} at {where} must be a string")
-            _check_plain(item, f"{where}.{key}")
+            check_plain(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
+            check_plain(item, f"{where}[{i}]")
     elif not isinstance(value, _PLAIN_TYPES):
         raise TypeError(f"metadata value at {where} has type {type(value).__name__}; use str/int/float/bool/None, lists or dicts")
 
@@ -50,7 +50,7 @@ def save(
         raise ValueError(f"soft_labels must be [N={images.shape[0]}, classes], got {tuple(soft_labels.shape)}")
     meta = dict(meta or {})
     meta.setdefault("ddfast_version", __version__)
-    _check_plain(meta, "meta")
+    check_plain(meta, "meta")
     atomic_torch_save(
         {
             "format": FORMAT,

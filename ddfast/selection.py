@@ -33,7 +33,7 @@ SELECT_RULES = ("confidence", "diverse")
 
 def class_candidates(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> list[torch.Tensor]:
     """Per class, training indices of its candidates: the first ``per_class`` (all of the class when it
-    has fewer) of the class's seeded permutation. ``ddfast.methods.random.select`` keeps the first IPC
+    has fewer) of the class's seeded permutation. :func:`class_balanced_subset` keeps the first IPC
     of the same permutations, so the first IPC candidates of each class are the random subset of ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -41,6 +41,16 @@ def class_candidates(labels: torch.Tensor, num_classes: int, per_class: int, see
         members = (labels == k).nonzero().flatten()
         rows.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     return rows
+
+
+def class_balanced_subset(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
+    """Indices of a class-balanced random subset, class-major (class 0's images first): the first IPC
+    of each class's seeded permutation; the random baseline (``--method random``) (:func:`class_candidates`)."""
+    chosen = class_candidates(labels, num_classes, ipc, seed)
+    for k, members in enumerate(chosen):
+        if len(members) < ipc:
+            raise ValueError(f"class {k} has only {int((labels == k).sum())} training images; cannot draw IPC={ipc}")
+    return torch.cat(chosen)
 
 
 def random_resized_views(images: torch.Tensor, crops: int, gen: torch.Generator,

@@ -153,3 +153,9 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, max
             y, x = pad + row * (h + pad), pad + col * (w + pad)
             grid[y : y + h, x : x + w] = img
     return grid[:, :, 0] if c == 1 else grid[:, :, :3]
+
+
+def freeze(module: torch.nn.Module, frozen: bool) -> None:
+    """Turn ``requires_grad`` off (``frozen``) or on for every parameter of ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(not frozen)

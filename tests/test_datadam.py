@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import data, models
+from ddfast import augment, data, models
 from ddfast.distill import build_parser, run
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import datadam
@@ -141,7 +141,7 @@ def test_siamese_dsa_draws_once_per_class():
     real = base[yr] + 0.0
     syn = base[ys] + 0.0
     for seed in range(5):
-        r, s = datadam.siamese_dsa(real, syn, yr, ys, 10, torch.Generator().manual_seed(seed))
+        r, s = augment.siamese_dsa(real, syn, yr, ys, 10, torch.Generator().manual_seed(seed))
         for k in range(10):
             assert torch.equal(r[(yr == k).nonzero()[0, 0]], s[(ys == k).nonzero()[0, 0]])
 

@@ -10,7 +10,6 @@ from ddfast import data, selection
 from ddfast.distill import build_parser, run
 from ddfast.fkd import rrc_params
 from ddfast.methods import gvbsm
-from ddfast.methods.random import select as random_select
 
 BASE = ["--dataset", "synthetic", "--ipc", "4", "--batch-size", "8", "--backbones", "resnet18:8,convnet:8",
         "--teacher-epochs", "1", "--no-eval"]
@@ -27,7 +26,7 @@ def _run(tmp_path, name, *extra):
 def test_real_init_without_recover_is_the_paired_random_subset(tmp_path):
     synset, report = _run(tmp_path, "real", "--init", "real", "--iterations", "0", "--seed", "3")
     dataset = data.load("synthetic")
-    idx = random_select(dataset.train_labels, dataset.num_classes, 4, 3)
+    idx = selection.class_balanced_subset(dataset.train_labels, dataset.num_classes, 4, 3)
     assert torch.equal(synset["images"], dataset.normalize(dataset.train_images[idx]))
     assert torch.equal(synset["labels"], dataset.train_labels[idx])
     assert report["init_indices"] == idx.tolist()
@@ -36,7 +35,7 @@ def test_real_init_without_recover_is_the_paired_random_subset(tmp_path):
 def test_candidates_start_with_the_random_subset():
     dataset = data.load("synthetic")
     cand = selection.class_candidates(dataset.train_labels, dataset.num_classes, 12, seed=5)
-    idx = random_select(dataset.train_labels, dataset.num_classes, 3, 5)
+    idx = selection.class_balanced_subset(dataset.train_labels, dataset.num_classes, 3, 5)
     assert torch.equal(torch.cat([c[:3] for c in cand]), idx)
     assert all(bool((dataset.train_labels[c] == k).all()) and len(c.unique()) == 12 for k, c in enumerate(cand))
 

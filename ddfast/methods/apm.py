@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ddfast import augment, backend, data, models
 from ddfast.methods import DistillResult
-from ddfast.methods.random import select as class_balanced_subset
+from ddfast.selection import class_balanced_subset
 from ddfast.ops import apm_loss
 from ddfast.train import TrainConfig, accuracy, fit, random_subset, teacher_path
 from ddfast.utils import PeakMemory, atomic_torch_save, progress, seed_everything

@@ -30,7 +30,7 @@ import torch
 from ddfast import augment, data, models
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import DistillResult
-from ddfast.methods.random import select as class_balanced_subset
+from ddfast.selection import class_balanced_subset
 from ddfast.reference.attention_match import MODES
 from ddfast.utils import atomic_torch_save, progress
 
@@ -129,29 +129,6 @@ def matching_net(dataset: data.Dataset, width: int, norm: str, gen: torch.Genera
     return net.train()
 
 
-def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
-
-
-def siamese_dsa(real: torch.Tensor, syn: torch.Tensor, real_labels: torch.Tensor, syn_labels: torch.Tensor, num_classes: int,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DSA draw per class shared by its real and synthetic images (DataDAM main:276-280, whose
-    DiffAugment reseeds before every parameter draw, so the i-th real and the i-th synthetic image of a
-    class get the same transform whatever the two batch sizes): both sides are padded to the larger
-    count for the draw and cut back. Returned in their input order."""
-    out_r = torch.empty_like(real)
-    parts = []
-    for k in range(num_classes):
-        ir, is_ = (real_labels == k).nonzero().flatten(), (syn_labels == k).nonzero().flatten()
-        rows = max(len(ir), len(is_))
-        seed = int(torch.randint(2**62, (1,), generator=gen))
-        out_r[ir] = augment.dsa(_padded(real[ir], rows), generator=torch.Generator().manual_seed(seed))[:len(ir)]
-        parts.append((is_, augment.dsa(_padded(syn[is_], rows), generator=torch.Generator().manual_seed(seed))[:len(is_)]))
-    order = torch.cat([i for i, _ in parts])
-    syn_aug = torch.cat([x for _, x in parts])[torch.argsort(order)]
-    return out_r, syn_aug
-
-
 def _iteration_rng(config: Config, it: int) -> torch.Generator:
     """Everything random in iteration ``it`` (network init, real batch, DSA) comes from here, so a
     resumed run retraces the same iterations."""
@@ -170,7 +147,7 @@ def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, conf
     net = matching_net(dataset, config.net_width, config.norm, gen)
     xr, yr = real_batch(dataset, config.batch_real, gen)
     leaf = u.detach().requires_grad_(True)
-    xr, xs = siamese_dsa(xr, leaf, yr, y, dataset.num_classes, gen)
+    xr, xs = augment.siamese_dsa(xr, leaf, yr, y, dataset.num_classes, gen)
     cfg = config.match_config
     if config.segment:
         loss, grad_xs = segmented_backward(net, xr, yr, xs, y, dataset.num_classes, cfg, config.segment)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ddfast import backend, data, models
 from ddfast.methods import DistillResult
-from ddfast.methods.random import select as class_balanced_subset
+from ddfast.selection import class_balanced_subset
 from ddfast.ops import densify_loss
 from ddfast.reference.densify_official import densify_loss_official
 from ddfast.augment import crop_flip
