@@ -268,7 +268,7 @@ def test_sigkill_resumes_to_the_same_images(npz28, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(ckpt, weights_only=True)["step"] in (10, 20, 30) and not (out / "distilled.pt").exists()
+    assert torch.load(ckpt, weights_only=True)["iteration"] in (10, 20, 30) and not (out / "distilled.pt").exists()
     report = distill.run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["condensation"] / 40)  # over all steps
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]

@@ -33,7 +33,7 @@ from ddfast import augment, data, generators
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import DistillResult
 from ddfast.methods.datadam import check_segment, matching_net, resolve_match
-from ddfast.utils import atomic_torch_save, progress
+from ddfast.runner import Loop
 
 NAME = "d2m"
 OPTIMIZERS = ("sgd", "adam")
@@ -156,7 +156,6 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset)
     print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint" / "d2m.pt"
     timing = {"gan_pretraining": 0.0, "refinement": 0.0, "sampling": 0.0}
     t0 = time.time()
     pretrained, pretrained_path = generators.pretrain(dataset, config.gan_config)
@@ -164,29 +163,20 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     generator, pretrained_meta = generators.load(pretrained_path)
     generator.train()  # batch norm in train mode during refinement (spec §6.12)
     optimizer = _optimizer(generator, config)
-    first = 0
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, weights_only=True)
-        if blob["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
-        generator.load_state_dict(blob["generator"])
-        optimizer.load_state_dict(blob["optimizer"])
-        first = blob["iteration"]
-        timing.update(blob["timing"])
-        print(f"resuming from iteration {first} of {config.iterations} ({ckpt_path})")
-    bar = progress(total=config.iterations, initial=first, desc="d2m refinement", unit="it")
-    for it in range(first, config.iterations):
-        t1 = time.time()
+    loop = Loop(out / "checkpoint" / "d2m.pt", dataclasses.asdict(config), config.iterations, "d2m refinement", every=25)
+    saved = loop.resume()
+    if saved is not None:
+        generator.load_state_dict(saved["generator"])
+        optimizer.load_state_dict(saved["optimizer"])
+
+    def step(it: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss = refine_step(generator, dataset, config, it)
         optimizer.step()
-        timing["refinement"] += time.time() - t1
-        if (it + 1) % 25 == 0 or it + 1 == config.iterations:
-            atomic_torch_save({"generator": generator.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it + 1,
-                               "timing": timing, "config": dataclasses.asdict(config)}, ckpt_path)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
+        return {"loss": loss}
+
+    loop.run(step, lambda: {"generator": generator.state_dict(), "optimizer": optimizer.state_dict()})
+    timing["refinement"] = loop.seconds
     t2 = time.time()
     meta = {"dataset": dataset.name, "stage": "d2m", "method_config": dataclasses.asdict(config), "pretrained": str(pretrained_path),
             "class_names": list(dataset.class_names), "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
@@ -194,7 +184,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     images, labels = generators.sample(generator, dataset.num_classes, config.ipc, config.seed, dataset.mean, dataset.std)
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    stats = {"seconds_per_iteration": timing["refinement"] / config.iterations if config.iterations else None,  # timing spans resumes
+    stats = {"seconds_per_iteration": loop.seconds_per_iteration,
              "time_split_seconds": timing, "generator": str(out / "generator.pt"), "method_config": dataclasses.asdict(config),
              "pretraining_judge_curve": pretrained_meta.get("judge_curve")}
     baseline = DistillResult(images=base_images, labels=base_labels)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ import torch
 from ddfast import augment, data, models
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import DistillResult
-from ddfast.selection import class_balanced_subset
 from ddfast.reference.attention_match import MODES
-from ddfast.utils import atomic_torch_save, progress
+from ddfast.runner import Loop
+from ddfast.selection import class_balanced_subset
 
 NAME = "datadam"
 MODEL = "convnet"
@@ -172,35 +171,25 @@ def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, t
 def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset)
     print(_describe(config, args.preset))
-    ckpt_path = Path(args.out_dir) / "checkpoint" / "datadam.pt"
     u, y = _init_images(dataset, config)
     optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.momentum)
-    first, seconds = 0, 0.0
-    if ckpt_path.is_file():  # an earlier, interrupted run with the same arguments
-        blob = torch.load(ckpt_path, weights_only=True)
-        if blob["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
+    loop = Loop(Path(args.out_dir) / "checkpoint" / "datadam.pt", dataclasses.asdict(config), config.iterations, f"datadam IPC {config.ipc}")
+    saved = loop.resume()
+    if saved is not None:
         with torch.no_grad():
-            u.copy_(blob["images"])
-        optimizer.load_state_dict(blob["optimizer"])
-        first, seconds = blob["iteration"], blob["seconds"]
-        print(f"resuming from iteration {first} of {config.iterations} ({ckpt_path})")
-    bar = progress(total=config.iterations, initial=first, desc=f"datadam IPC {config.ipc}", unit="it")
-    for it in range(first, config.iterations):
-        t0 = time.time()
+            u.copy_(saved["images"])
+        optimizer.load_state_dict(saved["optimizer"])
+
+    def step(it: int) -> dict[str, float]:
         grad, loss = image_gradient(u, y, dataset, config, it)
         u.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds += time.time() - t0
-        atomic_torch_save({"images": u.detach(), "optimizer": optimizer.state_dict(), "iteration": it + 1, "seconds": seconds,
-                           "config": dataclasses.asdict(config)}, ckpt_path)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
-    done = config.iterations - first
-    stats = {"seconds_per_iteration": seconds / config.iterations if config.iterations else None,
-             "iterations_this_process": done, "method_config": dataclasses.asdict(config)}
+        return {"loss": loss}
+
+    loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict()})
+    stats = {"seconds_per_iteration": loop.seconds_per_iteration, "iterations_this_process": loop.iterations_this_process,
+             "method_config": dataclasses.asdict(config)}
     return DistillResult(images=u.detach().clone(), labels=y, stats=stats)
 
 

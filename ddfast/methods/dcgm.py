@@ -65,6 +65,7 @@ from ddfast import augment, data, generators, judge, models
 from ddfast.methods import DistillResult, dim
 from ddfast.selection import class_balanced_subset
 from ddfast.train import get_teacher
+from ddfast.runner import Loop
 from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
 
 Tensor = torch.Tensor
@@ -602,36 +603,26 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset)
     print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint" / "dcgm.pt"
     timing = {"pretraining": 0.0, "condensation": 0.0, "sampling": 0.0}
     t0 = time.time()
     pretrained = pretrain(dataset, config)
     timing["pretraining"] = time.time() - t0
     state = new_state(dataset, config, pretrained)
-    first = 0
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if blob["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
-        first = blob["step"]
-        state.phi, state.opt_phi = new_phi(dataset, config, first // config.steps_per_round)
-        state.load_state_dict(blob)
-        timing.update(blob["timing"])
-        print(f"resuming from step {first} of {config.steps} ({ckpt_path})")
-    bar = progress(total=config.steps, initial=first, desc=f"DCGM condensation IPC {config.ipc}", unit="step")
-    for step in range(first, config.steps):
-        t1 = time.time()
-        if step % config.steps_per_round == 0:  # Alg. 1: "initialize network parameter θ"
-            state.phi, state.opt_phi = new_phi(dataset, config, step // config.steps_per_round)
-        _set_lr(state, config, step)
-        stats = condense_step(state, dataset, config, step)
-        timing["condensation"] += time.time() - t1
-        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == config.steps:
-            atomic_torch_save({**state.state_dict(), "step": step + 1, "timing": timing, "config": dataclasses.asdict(config)}, ckpt_path)
-        bar.update()
-        bar.set_postfix(f=f"{stats['f']:.3f}", c=f"{stats['c']:.3f}", adv=f"{stats['adv']:.3f}", intra=f"{stats['intra']:.3f}",
-                        inter=f"{stats['inter']:.3f}", d=f"{stats['d']:.3f}")
-    bar.close()
+    loop = Loop(out / "checkpoint" / "dcgm.pt", dataclasses.asdict(config), config.steps, f"DCGM condensation IPC {config.ipc}",
+                every=CHECKPOINT_EVERY, unit="step")
+    saved = loop.resume()
+    if saved is not None:
+        state.phi, state.opt_phi = new_phi(dataset, config, loop.first // config.steps_per_round)
+        state.load_state_dict(saved)
+
+    def step(it: int) -> dict[str, float]:
+        if it % config.steps_per_round == 0:  # Alg. 1: "initialize network parameter θ"
+            state.phi, state.opt_phi = new_phi(dataset, config, it // config.steps_per_round)
+        _set_lr(state, config, it)
+        return condense_step(state, dataset, config, it)
+
+    loop.run(step, state.state_dict)
+    timing["condensation"] = loop.seconds
     t2 = time.time()
     k = dataset.num_classes
     g = state.generator.eval()
@@ -646,8 +637,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     base, pretrained_meta = generators.load(pretrained)
     base_images, base_labels = generators.sample(base, k, config.ipc, config.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    # the checkpoint carries the time of the steps before a resume: per step over all of them
-    stats_out = {"seconds_per_iteration": timing["condensation"] / config.steps if config.steps else None, "time_split_seconds": timing,
+    stats_out = {"seconds_per_iteration": loop.seconds_per_iteration, "time_split_seconds": timing,
                  "generator": str(out / "generator.pt"), "codebook": str(out / "codebook.pt"), "pretrained_generator": str(pretrained),
                  "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
                  "method_config": dataclasses.asdict(config)}

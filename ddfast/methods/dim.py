@@ -44,6 +44,7 @@ from ddfast.diffaug import diffaug
 from ddfast.methods import DistillResult
 from ddfast.on_the_fly import SGD_ARGS as POOL_SGD
 from ddfast.on_the_fly import TRAIN_AUG, evaluate_on_the_fly
+from ddfast.runner import Loop
 from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
 
 NAME = "dim"
@@ -323,39 +324,34 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset)
     print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint" / "dim.pt"
     timing = {"stage1_gan": 0.0, "stage2_matching": 0.0, "sampling": 0.0, "dim_protocol_eval": 0.0}
     t0 = time.time()
     stage1 = pretrain(dataset, config)
     timing["stage1_gan"] = time.time() - t0
     g, d, opt_g, opt_d = _load_stage1(dataset, config, stage1)
     pool: PoolState | None = None
-    first = 0
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if blob["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
-        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
-        first = blob["iteration"]
-        timing.update(blob["timing"])
-        if blob["pool"] is not None:
-            pool = new_pool_model(dataset, config, blob["pool"]["drawn_at"])
-            pool.model.load_state_dict(blob["pool"]["model"]), pool.optimizer.load_state_dict(blob["pool"]["optimizer"])
-        print(f"resuming from stage-2 iteration {first} of {config.iterations} ({ckpt_path})")
-    bar = progress(total=config.iterations, initial=first, desc="DiM stage 2 (GAN + logits matching)", unit="it")
-    for it in range(first, config.iterations):
-        t1 = time.time()
+    loop = Loop(out / "checkpoint" / "dim.pt", dataclasses.asdict(config), config.iterations, "DiM stage 2 (GAN + logits matching)",
+                every=10)
+    saved = loop.resume()
+    if saved is not None:
+        generators.restore_gan_state(saved, g, d, opt_g, opt_d)
+        if saved["pool"] is not None:
+            pool = new_pool_model(dataset, config, saved["pool"]["drawn_at"])
+            pool.model.load_state_dict(saved["pool"]["model"]), pool.optimizer.load_state_dict(saved["pool"]["optimizer"])
+
+    def step(it: int) -> dict[str, Any]:
+        nonlocal pool
         if pool is None or it % config.pool_every == 0:
             pool = new_pool_model(dataset, config, it)
         stats = gan_iteration(g, d, opt_g, opt_d, dataset, config.batch, config.seed + 1, it, pool, config.pool_steps, config.match_weight)
-        timing["stage2_matching"] += time.time() - t1
-        if (it + 1) % 10 == 0 or it + 1 == config.iterations:
-            pool_blob = {"drawn_at": pool.drawn_at, "model": pool.model.state_dict(), "optimizer": pool.optimizer.state_dict()}
-            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, pool=pool_blob, iteration=it + 1, timing=timing,
-                               config=dataclasses.asdict(config)), ckpt_path)
-        bar.update()
-        bar.set_postfix(model=pool.name, loss_match=f"{stats['loss_match']:.4f}", loss_d=f"{stats['loss_d']:.2f}")
-    bar.close()
+        return {"model": pool.name, "loss_match": f"{stats['loss_match']:.4f}", "loss_d": f"{stats['loss_d']:.2f}"}
+
+    def state() -> dict[str, Any]:
+        pool_blob = {"drawn_at": pool.drawn_at, "model": pool.model.state_dict(), "optimizer": pool.optimizer.state_dict()}
+        return generators.gan_state(g, d, opt_g, opt_d, pool=pool_blob)
+
+    loop.run(step, state)
+    timing["stage2_matching"] = loop.seconds
     t2 = time.time()
     meta = {"dataset": dataset.name, "stage": "dim", "method_config": dataclasses.asdict(config), "stage1": str(stage1),
             "class_names": list(dataset.class_names), "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}}
@@ -364,7 +360,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     pretrained, pretrained_meta = generators.load(stage1)
     base_images, base_labels = generators.sample(pretrained, dataset.num_classes, config.ipc, args.seed, dataset.mean, dataset.std)
     timing["sampling"] = time.time() - t2
-    stats = {"seconds_per_iteration": timing["stage2_matching"] / config.iterations if config.iterations else None,  # spans resumes
+    stats = {"seconds_per_iteration": loop.seconds_per_iteration,
              "time_split_seconds": timing, "generator": str(out / "generator.pt"), "stage1_generator": str(stage1),
              "pretraining_judge_curve": pretrained_meta.get("judge_curve"),
              "method_config": dataclasses.asdict(config)}
