@@ -210,6 +210,29 @@ def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_stage1_resumes_after_sigkill_to_the_same_generator_and_curve(npz28, tmp_path, monkeypatch):
+    extra = ["--gan-iterations", "120", "--iterations", "1"]
+    ds = data.load("npz", npz28)
+    config = dim.resolve_config(_args(npz28, tmp_path / "x", *extra), ds)
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "killed"))
+    partial = dim.stage1_path(ds, config).with_suffix(".partial.pt")
+    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY,
+           *extra, "--out", str(tmp_path / "k")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline and not partial.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(partial, weights_only=True)["iteration"] in (50, 100) and not dim.stage1_path(ds, config).exists()
+    resumed = generators.load(dim.pretrain(ds, config))
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "whole"))
+    whole = generators.load(dim.pretrain(ds, config))
+    for a, b in zip(resumed[0].state_dict().values(), whole[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed[1]["judge_curve"] == whole[1]["judge_curve"] and [p["iteration"] for p in whole[1]["judge_curve"]] == [0, 120]
+
+
 def test_on_the_fly_protocol_draws_fresh_images_and_reports_both_numbers(npz28):
     ds = data.load("npz", npz28)
     torch.manual_seed(0)

@@ -444,34 +444,23 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     g = DCGMGenerator(**kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = dim.stage1_adam(g), dim.stage1_adam(d)  # Adam 1e-4, betas (0, 0.9): DiM's stage 1
-    partial = path.with_suffix(".partial.pt")
-    start, teacher_acc, curve = 0, None, []
-    if partial.is_file():
-        blob = torch.load(partial, map_location="cpu", weights_only=True)
-        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
-        start, teacher_acc, curve = blob["iteration"], blob["teacher_acc"], blob["judge_curve"]
+    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations,
+                f"DCGM generator pretraining ({dataset.name})", every=50)
+    saved = loop.resume()
+    if saved is not None:  # the embedding rides in G's state dict
+        teacher_acc = saved["teacher_acc"]
     else:
         extractor, teacher_acc = get_teacher(dataset, EMBED_MODEL, EMBED_WIDTH, config.teacher_epochs, seed=0,
                                              train_images=config.teacher_images)
         g.class_embedding.copy_(centred(class_embeddings(extractor, dataset)))
-    bar = progress(total=config.gan_iterations, initial=start, desc=f"DCGM generator pretraining ({dataset.name})", unit="it")
-    for it in range(start, config.gan_iterations):
-        if it % dim.JUDGE_EVERY == 0:
-            curve.append(judge.curve_point(pair, g, dataset, it))
-        stats = dim.gan_iteration(g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed, it)
-        bar.update()
-        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", consistency=f"{curve[-1]['consistency']:.1f}%")
-        if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, teacher_acc=teacher_acc, judge_curve=curve),
-                              partial)
-    bar.close()
-    curve.append(judge.curve_point(pair, g, dataset, config.gan_iterations))
+    curve = dim.train_stage1(loop, saved, pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed,
+                             extra={"teacher_acc": teacher_acc})
     generators.save(path, g, "dcgm", kwargs, {"dataset": dataset.name, "stage": "dcgm pretraining (DiM stage-1 GAN)",
                                              "method_config": dataclasses.asdict(config), "embedding_teacher_test_acc": teacher_acc,
                                              "judge_curve": curve,
                                              "class_names": list(dataset.class_names),
                                              "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    partial.unlink(missing_ok=True)
+    loop.path.unlink(missing_ok=True)
     return path
 
 

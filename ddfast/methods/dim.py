@@ -45,7 +45,7 @@ from ddfast.methods import DistillResult
 from ddfast.on_the_fly import SGD_ARGS as POOL_SGD
 from ddfast.on_the_fly import TRAIN_AUG, evaluate_on_the_fly
 from ddfast.runner import Loop
-from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
+from ddfast.utils import atomic_torch_save, cache_dir, freeze
 
 NAME = "dim"
 POOL = ("convnet", "resnet10-dim", "resnet18-dim", "resnet10ap-dim", "resnet18ap-dim")
@@ -282,29 +282,35 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     g = generators.create("dim", **kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = stage1_adam(g), stage1_adam(d)
-    partial = path.with_suffix(".partial.pt")
-    start, curve = 0, []
-    if partial.is_file():
-        blob = torch.load(partial, map_location="cpu", weights_only=True)
-        generators.restore_gan_state(blob, g, d, opt_g, opt_d)
-        start, curve = blob["iteration"], blob["judge_curve"]
-    bar = progress(total=config.gan_iterations, initial=start, desc=f"DiM stage 1 GAN ({dataset.name})", unit="it")
-    for it in range(start, config.gan_iterations):
-        if it % JUDGE_EVERY == 0:
-            curve.append(judge.curve_point(pair, g, dataset, it))
-        stats = gan_iteration(g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed, it)
-        bar.update()
-        bar.set_postfix(loss_d=f"{stats['loss_d']:.3f}", loss_g=f"{stats['loss_g']:.3f}", consistency=f"{curve[-1]['consistency']:.1f}%")
-        if (it + 1) % 50 == 0 and it + 1 < config.gan_iterations:
-            atomic_torch_save(generators.gan_state(g, d, opt_g, opt_d, iteration=it + 1, judge_curve=curve), partial)
-    bar.close()
-    curve.append(judge.curve_point(pair, g, dataset, config.gan_iterations))
+    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations, f"DiM stage 1 GAN ({dataset.name})", every=50)
+    curve = train_stage1(loop, loop.resume(), pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed)
     atomic_torch_save({"d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, _stage1_state(path))
     generators.save(path, g, "dim", kwargs, {"dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config),
                                             "judge_curve": curve, "class_names": list(dataset.class_names),
                                             "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    partial.unlink(missing_ok=True)
+    loop.path.unlink(missing_ok=True)
     return path
+
+
+def train_stage1(loop: Loop, saved: dict[str, Any] | None, pair: tuple[nn.Module, float], g: nn.Module, d: nn.Module,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, dataset: data.Dataset, batch: int, seed: int,
+                 extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Stage 1's GAN iterations under ``loop`` (also DCGM's pretraining): resumed from ``saved`` (what ``loop.resume()``
+    gave), checkpointed with ``extra`` plain fields, the judge's curve every ``JUDGE_EVERY`` iterations and at the end
+    (returned; it rides in the checkpoints)."""
+    curve = list(saved["judge_curve"]) if saved is not None else []
+    if saved is not None:
+        generators.restore_gan_state(saved, g, d, opt_g, opt_d)
+
+    def step(it: int) -> dict[str, str]:
+        if it % JUDGE_EVERY == 0:
+            curve.append(judge.curve_point(pair, g, dataset, it))
+        stats = gan_iteration(g, d, opt_g, opt_d, dataset, batch, seed, it)
+        return {"loss_d": f"{stats['loss_d']:.3f}", "loss_g": f"{stats['loss_g']:.3f}", "consistency": f"{curve[-1]['consistency']:.1f}%"}
+
+    loop.run(step, lambda: generators.gan_state(g, d, opt_g, opt_d, judge_curve=curve, **(extra or {})))
+    curve.append(judge.curve_point(pair, g, dataset, loop.total))
+    return curve
 
 
 def _load_stage1(dataset: data.Dataset, config: Config, path: Path) -> tuple[nn.Module, nn.Module, torch.optim.Adam, torch.optim.Adam]:
