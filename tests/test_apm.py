@@ -170,7 +170,7 @@ def test_sigkill_resumes_to_the_same_images(tmp_path):
     while proc.poll() is None and time.time() < deadline:
         if ckpt.exists():
             try:
-                if torch.load(ckpt, weights_only=True)["round"] >= 3:
+                if torch.load(ckpt, weights_only=True)["iteration"] >= 3:
                     break
             except Exception:  # noqa: BLE001 - the file is replaced atomically; a read can race a rename
                 pass
@@ -178,11 +178,13 @@ def test_sigkill_resumes_to_the_same_images(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    stopped_at = torch.load(ckpt, weights_only=True)["round"]
+    stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
     assert 3 <= stopped_at < 12 and not (out / "distilled.pt").exists()
-    resumed, _ = _run(tmp_path, "killed", *extra)
+    resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
     assert torch.equal(resumed["soft_labels"], whole["soft_labels"])
+    split = report["time_split_seconds"]  # the rounds before the kill keep their time: per round over all 12
+    assert report["seconds_per_iteration"] == pytest.approx((split["student_training"] + split["image_update"]) / 12, rel=0.05)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import augment, backend, data, models
+from ddfast import augment, data, models
 from ddfast.methods import DistillResult
-from ddfast.selection import class_balanced_subset
 from ddfast.ops import apm_loss
+from ddfast.runner import Loop
+from ddfast.selection import class_balanced_subset
 from ddfast.train import TrainConfig, accuracy, fit, random_subset, teacher_path
-from ddfast.utils import PeakMemory, atomic_torch_save, progress, seed_everything
+from ddfast.utils import PeakMemory, atomic_torch_save, seed_everything
 
 NAME = "apm"
 MODEL = "convnet"  # ConvNet-D3, instance norm, as the official code
@@ -412,7 +412,6 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     config = resolve_config(args, dataset.num_classes)
     print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint" / "apm.pt"
     timing = {"teacher_training": 0.0, "student_training": 0.0, "image_update": 0.0, "labelling": 0.0}
     start = time.time()
     pool, teacher_accs = build_teachers(dataset, config)
@@ -420,24 +419,22 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     print("teachers' test accuracy: " + ", ".join(f"{a:.2f}" for a in teacher_accs))
     u, y = _init_images(dataset, config)
     optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.img_momentum)
-    first_round, cycle_state = 0, None
-    if ckpt_path.is_file():  # an earlier, interrupted run with the same arguments
-        blob = torch.load(ckpt_path, weights_only=True)
-        if blob["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt_path} was written with different arguments; remove {ckpt_path.parent} or change --out")
+    loop = Loop(out / "checkpoint" / "apm.pt", dataclasses.asdict(config), config.iterations, f"apm IPC {config.ipc}", unit="round")
+    saved = loop.resume()
+    cycle_state = None
+    if saved is not None:
         with torch.no_grad():
-            u.copy_(blob["images"])
-        optimizer.load_state_dict(blob["optimizer"])
-        first_round, cycle_state = blob["round"], blob["cycle_state"]
-        timing.update(blob["timing"])
-        print(f"resuming from round {first_round} of {config.iterations} ({ckpt_path})")
+            u.copy_(saved["images"])
+        optimizer.load_state_dict(saved["optimizer"])
+        cycle_state = saved["cycle_state"]
+        timing.update({k: saved["timing"][k] for k in ("student_training", "image_update")})
     base = _network(dataset, config.net_width)
     student = Student(dataset, config.net_width, compile=config.compile and not config.reference)
     nets = None if config.reference else MatchingNets(base, len(config.checkpoint_epochs), config.checkpoint_eval, config.compile)
     loaded, middle_models, peak_mb = None, None, None
-    rounds_run, round_seconds = 0, 0.0
-    bar = progress(total=config.iterations, initial=first_round, desc=f"apm IPC {config.ipc}", unit="round")
-    for it in range(first_round, config.iterations):
+
+    def step(it: int) -> dict[str, str]:
+        nonlocal cycle_state, loaded, middle_models, peak_mb
         t0 = time.time()
         cycle = it // (config.mid_gap + 1)
         if cycle_state is None or cycle_state["cycle"] != cycle:
@@ -458,7 +455,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
             group["lr"] = config.lr_img * (0.3 if it >= config.iterations // 2 else 1.0)
         idx = cycle_state["idx"]
         # measured on the second round of this process (the first one traces/compiles), or the only one
-        measure = peak_mb is None and (rounds_run >= 1 or it == config.iterations - 1)
+        measure = peak_mb is None and (it > loop.first or it == config.iterations - 1)
         with PeakMemory() if measure else contextlib.nullcontext(None) as peak:
             if config.reference:
                 for p in teacher.parameters():  # the official teacher is not frozen
@@ -472,16 +469,11 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         u.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t2 = time.time()
         timing["student_training"] += t1 - t0
-        timing["image_update"] += t2 - t1
-        round_seconds += t2 - t0
-        rounds_run += 1
-        atomic_torch_save({"images": u.detach(), "optimizer": optimizer.state_dict(), "round": it + 1, "cycle_state": cycle_state,
-                           "timing": timing, "config": dataclasses.asdict(config)}, ckpt_path)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-    bar.close()
+        timing["image_update"] += time.time() - t1
+        return {"loss": f"{loss:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.3g}"}
+
+    loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict(), "cycle_state": cycle_state, "timing": timing})
     t3 = time.time()
     images = u.detach().clone()
     final_teacher = pool[cycle_state["teacher"]] if cycle_state is not None else pool[0]
@@ -491,7 +483,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         soft_real = final_teacher(real)
     timing["labelling"] = time.time() - t3
     stats: dict[str, Any] = {
-        "seconds_per_iteration": round_seconds / rounds_run if rounds_run else None,
+        "seconds_per_iteration": loop.seconds_per_iteration,
         "time_split_seconds": timing,
         "recover_peak_mem_mb": peak_mb,
         "image_update_peak_mem_mb": peak_mb,
