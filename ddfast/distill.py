@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--segment", type=int, default=0,
         help="at most this many synthetic images go through a network at once; never changes the result, "
-        "only memory and time (0 = whole batch; ignored by methods without a network pass)",
+        "only memory and time (0 = whole batch). gvbsm, sre2l, apm, datadam (instance norm), d2m (its pool network); "
+        "dim and dcgm refuse it (train-mode batch norm in the generator, L_intra and L_inter couple the generated images)",
     )
     parser.add_argument("--backend", choices=backend.BACKENDS, default=None, help="force a kernel backend (default: by device)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
