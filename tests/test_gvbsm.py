@@ -1,5 +1,6 @@
 """G-VBSM / SRe2L pipeline: exact --segment mode, the official-style reference backend, resume
 after an interruption, and argument checks — on the small synthetic dataset."""
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -8,9 +9,11 @@ import time
 import pytest
 import torch
 
+from ddfast import data
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import gvbsm
+from ddfast.testing import rel_error
 
 BASE = ["--dataset", "synthetic", "--ipc", "4", "--iterations", "3", "--batch-size", "8",
         "--backbones", "resnet18:8,convnet:8", "--teacher-epochs", "1", "--no-eval"]
@@ -25,13 +28,41 @@ def _run(tmp_path, name, *extra):
     return torch.load(tmp_path / name / "distilled.pt", weights_only=True)
 
 
+def test_a_segmented_step_gives_the_whole_batch_gradient():
+    # DESIGN §5: pass 1 accumulates the statistics segment by segment, pass 2 injects the closed-form dx;
+    # the image gradient equals the whole batch's up to float rounding of the conv kernels, whose choice of
+    # algorithm may depend on the batch size (measured rel 1e-8 with 1 and 2 threads).
+    args = build_parser().parse_args(["--method", "gvbsm", *BASE, "--out", "unused"])
+    config = gvbsm.resolve_config(args, 10)
+    dataset = data.load("synthetic")
+    pool = gvbsm.build_backbones(dataset, config)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, dataset.channels, *dataset.image_size, generator=gen)
+    y = torch.arange(8) % 4
+    aug = gvbsm.Jitter.draw(gen, 4)
+    for bb in pool:
+        grads = []
+        for segment in (0, 3):
+            bb.matcher.reset()
+            bb.matcher.draw(torch.Generator().manual_seed(5))
+            leaf = x.clone().requires_grad_(True)
+            if segment:
+                gvbsm._step_segments(bb, leaf, aug, y, dataclasses.replace(config, segment=segment), gvbsm.new_timing())
+            else:
+                gvbsm._step_full(bb, aug(leaf), y, config, gvbsm.new_timing())
+            grads.append(leaf.grad)
+        assert rel_error(grads[1], grads[0]) < 1e-6, bb.name
+
+
 def test_segments_give_the_full_batch_images(tmp_path):
     full = _run(tmp_path, "full")
     seg = _run(tmp_path, "seg", "--segment", "3")
-    # Same arithmetic in the same order (float64 statistics, same gradient accumulation order, no
-    # FMA contraction in the kernels): the segment run follows the whole-batch trajectory exactly.
+    # Same arithmetic in the same order (float64 statistics, same gradient accumulation order, no FMA
+    # contraction in the kernels): with the default threads the segment run follows the whole-batch
+    # trajectory to 1e-7. With OMP_NUM_THREADS=1 oneDNN picks other conv algorithms for a batch of 3 than
+    # of 8: 1e-8 per gradient (the test above), which Adam's normalised steps grow to ~3e-5 in 3 iterations.
     rel = (seg["images"] - full["images"]).norm() / full["images"].norm()
-    assert rel < 1e-6, rel
+    assert rel < (1e-4 if torch.get_num_threads() == 1 else 1e-6), rel
     assert torch.equal(seg["labels"], full["labels"])
 
 
@@ -96,7 +127,7 @@ def test_interrupted_run_resumes_to_the_same_images(tmp_path, monkeypatch):
     monkeypatch.setattr(gvbsm, "recover_batch", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "killed", "--ipc", "2", "--batch-size", "4")
-    assert len(list((tmp_path / "killed" / "checkpoint").glob("batch*.pt"))) == 2
+    assert torch.load(tmp_path / "killed" / "checkpoint" / "gvbsm.pt", weights_only=True)["iteration"] == 2  # batches done
     monkeypatch.setattr(gvbsm, "recover_batch", real)
     resumed = _run(tmp_path, "killed", "--ipc", "2", "--batch-size", "4")
     assert torch.equal(resumed["images"], reference["images"])
@@ -110,15 +141,18 @@ def test_sigkill_during_recover_resumes_to_the_same_images(tmp_path):
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "gvbsm", *BASE, *extra, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "checkpoint" / "batch0000.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "checkpoint" / "gvbsm.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = sorted(p.name for p in (out / "checkpoint").glob("batch*.pt"))
-    assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 5, (proc.returncode, done)
+    done = torch.load(out / "checkpoint" / "gvbsm.pt", weights_only=True)["iteration"]
+    assert proc.returncode == -signal.SIGKILL and 1 <= done < 5, (proc.returncode, done)
     assert not (out / "distilled.pt").exists()
-    resumed = _run(tmp_path, "killed", *extra)
-    assert torch.equal(resumed["images"], whole["images"])
+    args = build_parser().parse_args(["--method", "gvbsm", *BASE, "--out", str(out), *extra])
+    report = run(args)
+    assert torch.equal(torch.load(out / "distilled.pt", weights_only=True)["images"], whole["images"])
+    # the batches recovered before the kill keep their time: per iteration over all 5 batches × 40
+    assert report["seconds_per_iteration"] == pytest.approx(report["recover_seconds"] / (5 * 40))
 
 
 def test_sre2l_matches_bn_only(tmp_path):

@@ -25,16 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddfast import backend, data, models
+from ddfast.augment import crop_flip
 from ddfast.methods import DistillResult
-from ddfast.selection import class_balanced_subset
 from ddfast.ops import densify_loss
 from ddfast.reference.densify_official import densify_loss_official
-from ddfast.augment import crop_flip
 from ddfast.reference.stat_match_official import OfficialMatcher
-from ddfast.selection import SELECT_RULES, select_real
+from ddfast.runner import Loop
+from ddfast.selection import SELECT_RULES, class_balanced_subset, select_real
 from ddfast.stat_matcher import StatMatcher, model_key
 from ddfast.train import get_teacher, random_subset, teacher_spec
-from ddfast.utils import PeakMemory, atomic_torch_save, cache_dir, progress
+from ddfast.utils import PeakMemory, cache_dir, progress
 
 NAMES = ("gvbsm", "sre2l")
 
@@ -471,26 +471,19 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         batches = class_batches(dataset.num_classes, config.ipc, config.batch_size)
         timing = new_timing()
         init, init_report = initial_images(pool, dataset, config)
-        images, labels = [], []
-        iterations_run, start = 0, time.time()
+        labels = [torch.tensor(classes).repeat_interleave(config.ipc) for classes in batches]
+        loop = Loop(out / "checkpoint" / f"{config.method}.pt", dataclasses.asdict(config), len(batches), "recover", unit="batch")
+        saved = loop.resume()
+        images = list(saved["images"]) if saved is not None else []  # one entry per recovered batch
+
+        def step(b: int) -> dict[str, str]:
+            rows = slice(batches[b][0] * config.ipc, (batches[b][-1] + 1) * config.ipc)
+            images.append(recover_batch(pool, labels[b], shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}",
+                                        init=None if init is None else init[rows]))
+            return {}
+
         with PeakMemory() as peak:
-            for b, classes in enumerate(batches):
-                y = torch.tensor(classes).repeat_interleave(config.ipc)
-                ckpt = out / "checkpoint" / f"batch{b:04d}.pt"
-                if ckpt.is_file():  # finished by an earlier, interrupted run with the same arguments
-                    blob = torch.load(ckpt, weights_only=True)
-                    if blob["config"] != dataclasses.asdict(config):
-                        raise ValueError(f"{ckpt} was written with different arguments; remove {ckpt.parent} or change --out")
-                    x = blob["images"]
-                else:
-                    rows = slice(classes[0] * config.ipc, (classes[-1] + 1) * config.ipc)
-                    x = recover_batch(pool, y, shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}",
-                                      init=None if init is None else init[rows])
-                    atomic_torch_save({"images": x, "config": dataclasses.asdict(config)}, ckpt)
-                    iterations_run += config.iterations
-                images.append(x)
-                labels.append(y)
-        recover_seconds = time.time() - start
+            loop.run(step, lambda: {"images": images})
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         soft = relabel(pool, images_t, config.logit_norm)
         # The random real subset relabelled by the same pool: the baseline under the same protocol.
@@ -500,9 +493,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         baseline = DistillResult(images=real, labels=dataset.train_labels[idx].clone(), soft_labels=relabel(pool, real, config.logit_norm),
                                  teachers=teachers)
     stats: dict[str, Any] = {
-        "seconds_per_iteration": recover_seconds / iterations_run if iterations_run else None,
-        "recover_seconds": recover_seconds,
-        "recover_peak_mem_mb": peak.mb if iterations_run else None,
+        "seconds_per_iteration": loop.seconds / (len(batches) * config.iterations) if batches and config.iterations else None,
+        "recover_seconds": loop.seconds,  # over every batch, before and after a resume
+        "recover_peak_mem_mb": peak.mb if loop.iterations_this_process else None,
         "time_split_seconds": timing,
         "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         **init_report,
