@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ddfast.reference import densify as ref
 
 NUM_WARPS = 4
 POOL_BLOCK = 256
@@ -223,12 +222,13 @@ def _cuda_eigh():
 # ----------------------------------------------------------------------------------------------
 # Host launcher
 # ----------------------------------------------------------------------------------------------
-def densify_forward(images: torch.Tensor, labels: torch.Tensor, tau: float, pool: int, with_grad: bool
+def densify_forward(images: torch.Tensor, counts: torch.Tensor, order: torch.Tensor, tau: float, pool: int, with_grad: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss 0-dim float32, d loss / d images in the images' dtype — or an empty tensor)."""
+    """(loss 0-dim float32, d loss / d images in the images' dtype — or an empty tensor). The caller (ddfast.ops.densify)
+    checks the inputs and passes the class layout: ``counts`` [K] images per present class (ascending label),
+    ``order`` [B] the image indices grouped by class (stable)."""
     if images.dtype not in _DTYPES:
         raise TypeError(f"densify (triton) supports float32/float16/bfloat16 images, got {images.dtype}")
-    ref.check_inputs(images, labels, tau, pool)
     dev = images.device
     B, C, H, W = images.shape
     P = int(pool)
@@ -237,12 +237,10 @@ def densify_forward(images: torch.Tensor, labels: torch.Tensor, tau: float, pool
     if B == 0 or H == 0 or W == 0:
         return torch.zeros((), **f32), (torch.zeros_like(images) if with_grad else images.new_empty(0))
 
-    layout = ref.class_layout(labels.to(dev))
-    counts = layout.counts
+    counts, order = counts.to(dev), order.to(dev).contiguous()
     K = counts.numel()
     n_max = int(counts.max())
     offsets = (torch.cumsum(counts, 0) - counts).contiguous()
-    order = layout.order.contiguous()
 
     # 1. X̂ [B, D] fp32 (a view of the images when no pooling is needed)
     identity = H == P and W == P

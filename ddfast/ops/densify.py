@@ -82,7 +82,8 @@ def _forward_impl(images: Tensor, labels: Tensor, tau: float, pool: int, with_gr
     if name == "triton":
         from ddfast.kernels import densify as triton_densify
 
-        return triton_densify.densify_forward(images, labels, tau, pool, with_grad)
+        layout = ref.class_layout(labels.to(images.device))
+        return triton_densify.densify_forward(images, layout.counts, layout.order, tau, pool, with_grad)
     return _reference_forward(images, labels, tau, pool, with_grad)
 
 
