@@ -23,7 +23,9 @@ from ddfast.utils import atomic_write_text, seed_everything
 METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
            "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim", "dcgm": "ddfast.methods.dcgm"}
 
-GENERATIVE = ("d2m", "dim", "dcgm")  # methods whose set comes from a generator: judged (ddfast.judge)
+GENERATIVE = ("d2m", "dim", "dcgm")
+IMPLS = ("ddfast", "official")
+OFFICIAL_IMPL = ("gvbsm", "sre2l", "apm")  # methods with an official-style pipeline (--impl official)  # methods whose set comes from a generator: judged (ddfast.judge)
 
 
 def _method(name: str) -> Any:
@@ -47,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "only memory and time (0 = whole batch). gvbsm, sre2l, apm, datadam (instance norm), d2m (its pool network); "
         "dim and dcgm refuse it (train-mode batch norm in the generator, L_intra and L_inter couple the generated images)",
     )
-    parser.add_argument("--backend", choices=backend.BACKENDS, default=None, help="force a kernel backend (default: by device)")
+    parser.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                        help="force a kernel backend (default: by device); only swaps the kernels, never the pipeline")
+    parser.add_argument("--impl", choices=IMPLS, default="ddfast",
+                        help="gvbsm, sre2l, apm: ddfast (default: fused ops, compiled losses, no per-step host syncs) or official "
+                        "(the official code's pipeline statement by statement: its hooks, loops and unfused ops; for equality "
+                        "checks and as the benchmark baseline)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
     parser.add_argument(
         "--no-baseline", action="store_true",
@@ -117,6 +124,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--holdout must be >= 0 (0 = off), got {args.holdout}")
     if args.ipc < 1:
         raise ValueError(f"--ipc must be >= 1, got {args.ipc}")
+    if args.impl == "official" and args.method not in OFFICIAL_IMPL:
+        raise ValueError(f"--impl official exists for {', '.join(OFFICIAL_IMPL)}; {args.method} has one implementation")
     if args.segment < 0:
         raise ValueError(f"--segment must be >= 0 (0 = whole batch), got {args.segment}")
     if not args.no_eval:

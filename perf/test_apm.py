@@ -33,7 +33,7 @@ RESULTS: dict[str, float] = {}
 def _config(**overrides) -> apm.Config:
     base = dict(ipc=IPC, iterations=10, teachers=1, teacher_epochs=1, teacher_images=0, net_width=WIDTH, student_epochs=K,
                 checkpoints=K, mid_gap=PAPER_GAP, alpha=0.1, distance="l1", eps=1e-8, lr_img=1.0, img_momentum=0.5, lr_net=0.02,
-                batch_syn=N, batch_train=256, checkpoint_eval="loop", compile=True, segment=0, reference=False, seed=0)
+                batch_syn=N, batch_train=256, checkpoint_eval="loop", compile=True, segment=0, official=False, seed=0)
     return apm.Config(**{**base, **overrides})
 
 
@@ -59,7 +59,7 @@ def setup():
 
 def _update(provider: str, setup, segment: int = 0):
     teacher, states, u, y = setup
-    cfg = _config(segment=segment, reference=provider.startswith("official"))
+    cfg = _config(segment=segment, official=provider.startswith("official"))
     idx = torch.arange(N)
     image = u.clone().requires_grad_(True)
     opt = torch.optim.SGD([image], lr=1.0, momentum=0.5)

@@ -1,7 +1,7 @@
 """G-VBSM recover iterations, measured side by side in one run.
 
 * speed: seconds per recover iteration over the default backbone pool with ddfast's fused kernels
-  vs ``--backend reference`` (official-style hooks + official densification loop), and the split
+  vs ``--impl official`` (official-style hooks + official densification loop), and the split
   of that time: network forward/backward (the same iterations with no matching and no
   densification), densification (its op's forward+backward on the recover batch, timed directly)
   and statistic matching (the rest);
@@ -79,7 +79,7 @@ def _seconds_per_iteration(pool: list[gvbsm.Backbone], config: gvbsm.Config, rou
 @pytest.mark.parametrize("provider", ["ddfast", "official"])
 def test_recover_iteration_split(provider: str) -> None:
     reference = provider == "official"
-    extra = ["--backend", "reference"] if reference else []
+    extra = ["--impl", "official"] if reference else []
     labels = torch.arange(CLASSES).repeat_interleave(IPC)
     x = torch.randn(CLASSES * IPC, *SHAPE, requires_grad=True)
     densify = densify_loss_official if reference else densify_loss

@@ -36,7 +36,7 @@ def _run(tmp_path, name, *extra):
 def _config(**overrides) -> apm.Config:
     base = dict(ipc=3, iterations=4, teachers=1, teacher_epochs=1, teacher_images=0, net_width=8, student_epochs=4, checkpoints=3,
                 mid_gap=1, alpha=0.1, distance="l1", eps=1e-8, lr_img=1.0, img_momentum=0.5, lr_net=0.02, batch_syn=30, batch_train=256,
-                checkpoint_eval="auto", compile=False, segment=0, reference=False, seed=0)
+                checkpoint_eval="auto", compile=False, segment=0, official=False, seed=0)
     return apm.Config(**{**base, **overrides})
 
 
@@ -152,9 +152,9 @@ def test_reference_backend_runs_the_same_method(tmp_path):
     """Same teacher draws, subsets and image update; the students differ only in their RNG use
     (DataLoader shuffling), so both runs move the images and keep labels and shapes."""
     fused, _ = _run(tmp_path, "fused", "--no-compile", "--checkpoint-eval", "vmap")
-    ref, report = _run(tmp_path, "ref", "--backend", "reference")
+    ref, report = _run(tmp_path, "ref", "--impl", "official")
     assert ref["images"].shape == fused["images"].shape and torch.equal(ref["labels"], fused["labels"])
-    assert report["method_config"]["reference"] is True
+    assert report["method_config"]["official"] is True
     start, _ = apm._init_images(data.synthetic(), _config(ipc=2, batch_syn=20))
     assert not torch.allclose(ref["images"], start) and not torch.allclose(fused["images"], start)
 

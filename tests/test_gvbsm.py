@@ -70,10 +70,12 @@ def test_reference_backend_runs_the_same_method(tmp_path):
     # The official-style hooks start their EMA from 0, as the default does: the fused kernels run
     # the identical method, so the images agree up to float rounding.
     fused = _run(tmp_path, "fused")
-    ref = _run(tmp_path, "ref", "--backend", "reference")
+    ref = _run(tmp_path, "ref", "--impl", "official")
     rel = (ref["images"] - fused["images"]).norm() / fused["images"].norm()
     assert rel < 1e-3, rel
-    assert ref["meta"]["config"]["backend"] == "reference"
+    assert ref["meta"]["config"]["impl"] == "official"
+    kernels = _run(tmp_path, "kernels", "--backend", "reference")  # only the kernels change: the fused pipeline, reference ops
+    assert (kernels["images"] - fused["images"]).norm() / fused["images"].norm() < 1e-4
     unbiased = _run(tmp_path, "first", "--ema-init", "first")  # the unbiased EMA start differs from the official one
     assert not torch.allclose(unbiased["images"], fused["images"])
 
@@ -166,10 +168,10 @@ def test_sre2l_matches_bn_only(tmp_path):
     [
         (["--batch-size", "6"], "must be a multiple of --ipc 4"),
         (["--backbones", "lenet"], "unknown model 'lenet'"),
-        (["--backend", "reference", "--segment", "2"], "no segment mode"),
+        (["--impl", "official", "--segment", "2"], "no segment mode"),
         (["--init", "noise", "--iterations", "0"], "--iterations must be >= 1"),
         (["--stats-images", "-1"], "--stats-images must be >= 0"),
-        (["--backend", "reference", "--ema-init", "first"], "use --ema-init zero"),
+        (["--impl", "official", "--ema-init", "first"], "use --ema-init zero"),
     ],
 )
 def test_bad_arguments_fail_before_work(tmp_path, extra, message):

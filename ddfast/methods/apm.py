@@ -8,7 +8,7 @@ images move along −∇ of L_u = (1/B) Σ_i [Σ_k φ(‖f_Sk(u_i) − f_T(u_i)�
 Fast path (the default backends): the teacher once per segment and the K checkpoints (one ``torch.func``
 vmap over stacked parameters on CUDA, a loop on CPU where that is faster), every network frozen (no
 weight gradients), K4 for the head, all through one ``torch.compile``d forward; the student trained
-through a compiled loss on whole-batch tensors with no DataLoader and no host syncs. ``--backend reference`` runs the
+through a compiled loss on whole-batch tensors with no DataLoader and no host syncs. ``--impl official`` runs the
 same method written like the official ``mchen725/DD_APM`` distill.py (teacher re-forwarded for every
 checkpoint, parameters left trainable, a DataLoader and per-batch ``.item()``/numpy syncs per retrain):
 the baseline of the perf rows.
@@ -99,7 +99,7 @@ class Config:
     checkpoint_eval: str
     compile: bool
     segment: int
-    reference: bool
+    official: bool  # --impl official: the official code's pipeline
     seed: int
 
     @property
@@ -124,7 +124,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         distance=args.apm_distance, eps=args.apm_eps, lr_img=lr_img, img_momentum=0.5, lr_net=args.lr_net,
         batch_syn=batch_syn, batch_train=256, checkpoint_eval=args.checkpoint_eval,
         compile=args.apm_compile, segment=args.segment,
-        reference=args.backend == "reference", seed=args.seed,
+        official=args.impl == "official", seed=args.seed,
     )
     for field in ("iterations", "teachers", "teacher_epochs", "net_width", "student_epochs", "checkpoints"):
         if getattr(config, field) < 1:
@@ -404,7 +404,7 @@ def start_cycle(student: Student, u: torch.Tensor, pool: list[nn.Module], config
         targets = pool[teacher_index](images)
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     net = student.reinit()
-    states = train_student_reference(net, images, targets, config, gen) if config.reference else train_student(student, images, targets, config, gen)
+    states = train_student_reference(net, images, targets, config, gen) if config.official else train_student(student, images, targets, config, gen)
     return {"cycle": cycle, "teacher": teacher_index, "idx": idx, "checkpoints": [{k: v.detach() for k, v in s.items()} for s in states]}
 
 
@@ -429,8 +429,8 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         cycle_state = saved["cycle_state"]
         timing.update({k: saved["timing"][k] for k in ("student_training", "image_update")})
     base = _network(dataset, config.net_width)
-    student = Student(dataset, config.net_width, compile=config.compile and not config.reference)
-    nets = None if config.reference else MatchingNets(base, len(config.checkpoint_epochs), config.checkpoint_eval, config.compile)
+    student = Student(dataset, config.net_width, compile=config.compile and not config.official)
+    nets = None if config.official else MatchingNets(base, len(config.checkpoint_epochs), config.checkpoint_eval, config.compile)
     loaded, middle_models, peak_mb = None, None, None
 
     def step(it: int) -> dict[str, str]:
@@ -442,7 +442,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         t1 = time.time()
         if loaded != cycle_state["cycle"]:
             loaded = cycle_state["cycle"]
-            if config.reference:
+            if config.official:
                 middle_models = []
                 for state in cycle_state["checkpoints"]:
                     m = copy.deepcopy(base)
@@ -457,7 +457,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         # measured on the second round of this process (the first one traces/compiles), or the only one
         measure = peak_mb is None and (it > loop.first or it == config.iterations - 1)
         with PeakMemory() if measure else contextlib.nullcontext(None) as peak:
-            if config.reference:
+            if config.official:
                 for p in teacher.parameters():  # the official teacher is not frozen
                     p.requires_grad_(True)
                 grad, loss = image_gradient_reference(u, idx, y, teacher, middle_models, config)
@@ -502,5 +502,5 @@ def _describe(config: Config, preset: str) -> str:
         f"{config.iterations} rounds, B = {config.batch_syn}, student every {config.mid_gap + 1} round(s): E = {config.student_epochs}, "
         f"K = {config.checkpoints} (after epochs {config.checkpoint_epochs}), lr_net {config.lr_net:g}; α = {config.alpha:g}, "
         f"φ = {'−log(L1+ε)' if config.distance == 'log' else '−L1/C'}, lr_img {config.lr_img:g} (momentum 0.5, ×0.3 at R/2); "
-        f"segment {config.segment or 'off'}, {'official-style reference' if config.reference else 'fused'} path"
+        f"segment {config.segment or 'off'}, {'official-style (--impl official)' if config.official else 'fused'} path"
     )

@@ -7,7 +7,7 @@
   with the official betas and a cosine schedule, clamped to the valid pixel range;
 * relabel: ensemble-mean backbone logits as soft labels.
 
-``--segment N`` runs the exact two-pass scheme of DESIGN §5; ``--backend reference`` runs the
+``--segment N`` runs the exact two-pass scheme of DESIGN §5; ``--impl official`` runs the
 same method through the official-style hooks and the official densification loop.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        "(default from --preset: 10000 for default, all for paper)")
     group.add_argument("--ema-init", choices=("zero", "first"), default="zero",
                        help="start each statistic's EMA from 0 (default, the official code) or from the first batch "
-                       "statistic (unbiased; not available with --backend reference)")
+                       "statistic (unbiased; not available with --impl official)")
     group.add_argument("--logit-norm", action="store_true", help="normalise each backbone's logits (per sample) before the ensemble mean")
     group.add_argument("--candidates", type=int, default=300,
                        help="--init selected: random real candidates per class (300, RDED's CIFAR-10 scripts)")
@@ -118,7 +118,7 @@ class Config:
     ema_init: str
     logit_norm: bool
     segment: int
-    reference: bool
+    official: bool  # --impl official: the official code's pipeline
     seed: int
     init: str
     candidates: int
@@ -165,7 +165,7 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         ema_init=args.ema_init,
         logit_norm=args.logit_norm,
         segment=args.segment,
-        reference=args.backend == "reference",
+        official=args.impl == "official",
         seed=args.seed,
         init=preset["init"] if args.init is None else args.init,
         candidates=args.candidates,
@@ -197,10 +197,10 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         not any(isinstance(m, nn.BatchNorm2d) for m in models.create(n, 1, 2, 32, width=8).modules()) for n in backbones
     ):
         raise ValueError("sre2l matches BatchNorm statistics: every backbone needs BatchNorm layers (convnet has none)")
-    if config.reference and config.ema_init != "zero":
-        raise ValueError("--backend reference runs the official hooks, whose EMA starts from 0: use --ema-init zero")
-    if config.reference and config.segment:
-        raise ValueError("--segment needs the fused statistic ops; the official-style --backend reference has no segment mode")
+    if config.official and config.ema_init != "zero":
+        raise ValueError("--impl official runs the official hooks, whose EMA starts from 0: use --ema-init zero")
+    if config.official and config.segment:
+        raise ValueError("--segment needs the fused statistic ops; --impl official (the official hooks) has no segment mode")
     return config
 
 
@@ -257,7 +257,7 @@ def attach(name: str, model: nn.Module, config: Config, conv_stats: Callable[[St
     )
     if match_conv:
         conv_stats(matcher)
-    if config.reference:  # the official-style hooks replace the fused matcher, same interface
+    if config.official:  # the official-style hooks replace the fused matcher, same interface
         dtype = next(model.parameters()).dtype
         targets = {n: tuple(t.to(dtype) for t in m) for n, m in matcher.conv_targets.items()} if match_conv else None
         matcher.remove()
@@ -312,7 +312,7 @@ def class_batches(num_classes: int, ipc: int, batch_size: int) -> list[list[int]
 def _dd_loss(x: torch.Tensor, y: torch.Tensor, config: Config) -> torch.Tensor:
     if config.dd_weight == 0:
         return x.new_zeros(())
-    fn = densify_loss_official if config.reference else densify_loss
+    fn = densify_loss_official if config.official else densify_loss
     return fn(x, y, tau=config.tau, pool=32)
 
 
@@ -450,7 +450,7 @@ def _describe(config: Config, preset: str) -> str:
         f"{config.method} ({preset} preset): pool [{pool}], teachers {config.teacher_epochs} epoch(s) on "
         f"{subset(config.teacher_images)}, "
         f"{config.iterations} iterations x batch {config.batch_size}, conv statistics over {subset(config.stats_images)}, "
-        f"segment {config.segment or 'off'}, {'official-style reference' if config.reference else 'fused'} kernels, "
+        f"segment {config.segment or 'off'}, {'official-style (--impl official)' if config.official else 'fused'} kernels, "
         f"init {config.init}" + (f" ({config.select_rule}, {config.candidates} candidates per class)" if config.init == "selected" else "")
         + ("" if config.init == "noise" else " [deviation from the official recover, which starts from noise]")
     )
@@ -461,9 +461,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
     print(_describe(config, args.preset))
     out = Path(args.out_dir)
     # Statistics collection is preprocessing (cached): it always uses the fused ops.
-    with backend.use_backend(None if config.reference else args.backend):
+    with backend.use_backend(None if config.official else args.backend):
         pool = build_backbones(dataset, config)
-    with backend.use_backend("reference" if config.reference else args.backend):
+    with backend.use_backend("reference" if config.official else args.backend):
         mean = torch.tensor(dataset.mean).view(-1, 1, 1)
         std = torch.tensor(dataset.std).view(-1, 1, 1)
         lo, hi = (0 - mean) / std, (1 - mean) / std
