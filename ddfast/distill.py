@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--preset", choices=("default", "paper"), default="default",
                         help="default: sized for 2 CPU cores (gvbsm/sre2l: widths 4-32, teachers 1 epoch on 20000 images, recover "
                         "refines 200 iterations at jitter 4 from teacher-selected real images, ~7 min for IPC 10 with teacher "
-                        "training; apm: see the README's APM presets); paper: the paper's pool, widths, schedules (gvbsm/sre2l: "
+                        "training; apm: see docs/methods/apm.md); paper: the paper's pool, widths, schedules (gvbsm/sre2l: "
                         "4000 iterations from noise, jitter 32) and evaluation (hours to days on a CPU)")
     shared.add_argument("--init", choices=INITS, default=None,
                         help="initial images. gvbsm/sre2l: noise (randn, the official code), real (the class-balanced random real "

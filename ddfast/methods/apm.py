@@ -13,7 +13,7 @@ same method written like the official ``mchen725/DD_APM`` distill.py (teacher re
 checkpoint, parameters left trainable, a DataLoader and per-batch ``.item()``/numpy syncs per retrain):
 the baseline of the perf rows.
 
-Deliberate differences from the official code (README "defaults vs official code"): exactly E student
+Deliberate differences from the official code (docs/methods/apm.md, "APM defaults vs the official code"): exactly E student
 epochs with checkpoints after round(jE/K) (official: E+1 epochs, after E/K+1, ...); R rounds (official
 R+1); the mini-batch subset is drawn once per retrain cycle (official: every round, which pairs
 checkpoints with images they did not see when B < N); the soft labels are the logits of the teacher of
@@ -51,7 +51,7 @@ PRESETS = {
     # lr_img_per_image: γ/B (None = the official γ = 1 for any B).
     "paper": {"iterations": 2500, "teachers": 100, "teacher_epochs": 100, "teacher_images": 0, "net_width": 128,
               "student_epochs": 250, "mid_gap": 2, "lr_img_per_image": None},
-    # default: sized for 2 CPU cores (IPC 10 in about half an hour, teachers included; README "APM presets").
+    # default: sized for 2 CPU cores (IPC 10 in about half an hour, teachers included; docs/methods/apm.md).
     "default": {"iterations": 300, "teachers": 5, "teacher_epochs": 5, "teacher_images": 20000, "net_width": 32,
                 "student_epochs": 250, "mid_gap": 2, "lr_img_per_image": 0.01},
 }

@@ -10,7 +10,7 @@ on φ along
     L_PM = Σ_k KL(σ(m^R_k(o)/T) ‖ σ(m^S_k(o)/T))
 
 (attention maps through kernel K2; ``ddfast.matching``). No official D2M code exists: the choices the
-paper leaves open follow the spec's §6 recommendations and are listed in the README. The output is the
+paper leaves open follow the spec's §6 recommendations and are listed in docs/methods/datadam-d2m.md. The output is the
 refined generator (OUT/generator.pt, ``python -m ddfast.generate`` samples any IPC from it) and a
 distilled set of exactly IPC images per class sampled from it; the pretrained generator sampled with the
 same latents is the baseline evaluated beside it.
@@ -42,8 +42,8 @@ PRESETS = {
     # paper: 60 epochs of 128-image batches (28,080 iterations on Fashion-MNIST), ConvNet-D3 w128 pool;
     # the spec's small DCGAN stands in for BigGAN at 28 px (spec §6.11), pretrained 10 epochs.
     "paper": {"iterations": 28080, "net_width": 128, "gan_epochs": 10, "gan_images": 0, "lr_sgd": 1e-6},
-    # default: sized for 2 CPU cores (README "DataDAM and D2M presets"). SGD lr 1e-4: at the paper's 1e-6 the
-    # loss does not move within the preset's iterations (the spec's §5 rule: sweep {1e-5, 1e-4}; README).
+    # default: sized for 2 CPU cores (docs/methods/datadam-d2m.md). SGD lr 1e-4: at the paper's 1e-6 the
+    # loss does not move within the preset's iterations (the spec's §5 rule: sweep {1e-5, 1e-4}; docs/methods/datadam-d2m.md).
     "default": {"iterations": 300, "net_width": 64, "gan_epochs": 3, "gan_images": 30000, "lr_sgd": 1e-4},
 }
 

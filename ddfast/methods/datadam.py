@@ -40,7 +40,7 @@ NORMS = ("batchnorm", "instancenorm")
 PRESETS = {
     # paper: the official code's defaults (main_DataDAM.py:26-37).
     "paper": {"iterations": 20000, "batch_real": 64, "net_width": 128},
-    # default: sized for 2 CPU cores (README "DataDAM and D2M presets").
+    # default: sized for 2 CPU cores (docs/methods/datadam-d2m.md).
     "default": {"iterations": 400, "batch_real": 32, "net_width": 64},
 }
 

@@ -83,7 +83,7 @@ LF_MODES = ("per-sample", "batchmean")
 LF_REDUCTIONS = ("sum", "mean")
 AUGMENTATIONS = ("dsa", "none")
 # What L_intra, L_inter and D see of φ's block 3: "flat" (the flattened pooled output, the "embed" of the DC/DM
-# code) or "gap" (its global average pool). Measured (README, `python -m ddfast.methods.dcgm --probe`): after instance
+# code) or "gap" (its global average pool). Measured (docs/methods/dcgm.md, `python -m ddfast.methods.dcgm --probe`): after instance
 # norm + ReLU every channel's spatial mean is ≈ 0.399 for every image, so GAP₃ cannot tell two images apart.
 FEATURES = ("flat", "gap")
 
@@ -655,7 +655,7 @@ def _describe(config: Config, preset: str) -> str:
     )
 
 
-# ----------------------------------------------------------------------------- the feature probe (README)
+# ----------------------------------------------------------------------------- the feature probe (docs/methods/dcgm.md)
 
 
 def feature_probe(dataset: data.Dataset, per_class: int = 10, association: int = 64, net_width: int = 128, tau: float = 0.1,

@@ -59,7 +59,7 @@ PRESETS = {
     # code runs 150), stage 2 100 epochs at batch 64 with a fresh pool model per epoch and lr 5e-6.
     "paper": {"gen_width": 196, "gan_iterations": ("epochs", 120, 128), "gan_batch": 128, "iterations": ("epochs", 100, 64),
               "batch": 64, "pool_every": ("epochs", 1, 64), "lr_gen": 5e-6, "pool_steps": 16},
-    # default: the spec's CPU preset cut to this machine's measured cost (README "DiM presets"): width 64,
+    # default: the spec's CPU preset cut to this machine's measured cost (docs/methods/dim.md): width 64,
     # 1500 + 200 iterations, a fresh pool model every 50, stage-2 lr 1e-4 (the paper's; 5e-6 only makes
     # sense over the code's ~94k stage-2 iterations).
     "default": {"gen_width": 64, "gan_iterations": 1500, "gan_batch": 64, "iterations": 200, "batch": 64, "pool_every": 50,

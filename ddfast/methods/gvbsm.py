@@ -50,7 +50,7 @@ POOLS = {
 PRESETS = {
     # teacher_images / stats_images: training images the teachers are trained on and the global
     # conv statistics are collected over (fixed random subsets; 0 = all)
-    # default: recover refines teacher-selected real images (chosen on a held-out split, README)
+    # default: recover refines teacher-selected real images (chosen on a held-out split, docs/results.md)
     "default": {"iterations": 200, "batch_size": 100, "teacher_epochs": 1, "teacher_images": 20000, "stats_images": 10000,
                 "init": "selected", "jitter": 4},
     # 4000 iterations: G-VBSM's CIFAR-10/100 rows and the official Branch_CIFAR_10/recover/recover.sh
