@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddfast import __version__, backend, data, io, judge
+from ddfast import __version__, backend, data, distributed, io, judge
 from ddfast.evaluate import DEFAULT_EPOCHS, add_protocol_arguments, evaluate_synset, format_table, protocol_kwargs
 from ddfast.selection import INITS
 from ddfast.utils import atomic_write_text, seed_everything
@@ -25,7 +25,8 @@ METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "
 
 GENERATIVE = ("d2m", "dim", "dcgm")
 IMPLS = ("ddfast", "official")
-OFFICIAL_IMPL = ("gvbsm", "sre2l", "apm")  # methods with an official-style pipeline (--impl official)  # methods whose set comes from a generator: judged (ddfast.judge)
+OFFICIAL_IMPL = ("gvbsm", "sre2l", "apm")  # methods with an official-style pipeline (--impl official)
+DISTRIBUTED = ("gvbsm", "sre2l")  # methods that deal their work units to the ranks of a torchrun launch  # methods whose set comes from a generator: judged (ddfast.judge)
 
 
 def _method(name: str) -> Any:
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gvbsm, sre2l, apm: ddfast (default: fused ops, compiled losses, no per-step host syncs) or official "
                         "(the official code's pipeline statement by statement: its hooks, loops and unfused ops; for equality "
                         "checks and as the benchmark baseline)")
+    parser.add_argument("--dist-backend", choices=distributed.BACKENDS, default=None,
+                        help=f"under torchrun ({', '.join(DISTRIBUTED)}): the torch.distributed backend (default: nccl with CUDA, "
+                        "else gloo)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distilling")
     parser.add_argument(
         "--no-baseline", action="store_true",
@@ -134,7 +138,13 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Distill (and evaluate); the report. Under torchrun the ranks share the work and rank 0 writes and evaluates
+    (the other ranks return an empty report)."""
     validate(args)
+    if distributed.launched() and args.method not in DISTRIBUTED:
+        raise ValueError(f"--method {args.method} runs in one process; launch it without torchrun "
+                         f"(distributed: {', '.join(DISTRIBUTED)})")
+    args.world = distributed.init(args.dist_backend)
     dataset = data.load(args.dataset, args.data_dir, holdout_images=args.holdout)
     out = Path(args.out or f"runs/{args.method}-{dataset.name}-ipc{args.ipc}-s{args.seed}")
     args.out_dir = str(out)
@@ -142,6 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     with backend.use_backend(args.backend):
         result = _method(args.method).distill(args, dataset)
+    if result is None:  # a rank other than 0: its share is with rank 0
+        return {}
     seconds = time.time() - start
     config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     meta = {
@@ -214,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = f" (rank {args.world.rank})" if getattr(args, "world", distributed.SINGLE).distributed else ""
+        print(f"error{rank}: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown(getattr(args, "world", distributed.SINGLE))
     return 0
 
 

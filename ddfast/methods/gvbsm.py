@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import backend, data, models
+from ddfast import backend, data, distributed, models
 from ddfast.augment import crop_flip
 from ddfast.methods import DistillResult
 from ddfast.ops import densify_loss
@@ -456,12 +456,17 @@ def _describe(config: Config, preset: str) -> str:
     )
 
 
-def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
+def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | None:
+    """The distilled set on rank 0 (None on the other ranks of a torchrun launch: they recover their share of the
+    batches and hand it to rank 0)."""
     config = resolve_config(args, dataset.num_classes)
-    print(_describe(config, args.preset))
+    world = getattr(args, "world", distributed.SINGLE)
+    if world.is_main:
+        print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    # Statistics collection is preprocessing (cached): it always uses the fused ops.
-    with backend.use_backend(None if config.official else args.backend):
+    # Statistics collection is preprocessing (cached): it always uses the fused ops. Rank 0 trains and caches the
+    # teachers and statistics; the other ranks then read them.
+    with backend.use_backend(None if config.official else args.backend), distributed.rank0_first(world):
         pool = build_backbones(dataset, config)
     with backend.use_backend("reference" if config.official else args.backend):
         mean = torch.tensor(dataset.mean).view(-1, 1, 1)
@@ -470,13 +475,17 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         shape = (dataset.channels, *dataset.image_size)
         batches = class_batches(dataset.num_classes, config.ipc, config.batch_size)
         timing = new_timing()
-        init, init_report = initial_images(pool, dataset, config)
+        init, init_report = distributed.broadcast(world, initial_images(pool, dataset, config) if world.is_main else None)
         labels = [torch.tensor(classes).repeat_interleave(config.ipc) for classes in batches]
-        loop = Loop(out / "checkpoint" / f"{config.method}.pt", dataclasses.asdict(config), len(batches), "recover", unit="batch")
+        units = distributed.my_units(world, len(batches))  # all batches on one process
+        ckpt_name = config.method if not world.distributed else f"{config.method}.rank{world.rank}of{world.size}"
+        loop = Loop(out / "checkpoint" / f"{ckpt_name}.pt", {**dataclasses.asdict(config), "world_size": world.size}, len(units), "recover",
+                    unit="batch")
         saved = loop.resume()
-        images = list(saved["images"]) if saved is not None else []  # one entry per recovered batch
+        images = list(saved["images"]) if saved is not None else []  # one entry per recovered batch of this rank
 
-        def step(b: int) -> dict[str, str]:
+        def step(i: int) -> dict[str, str]:
+            b = units[i]  # seeded by the batch index alone: the same images on whichever rank recovers it
             rows = slice(batches[b][0] * config.ipc, (batches[b][-1] + 1) * config.ipc)
             images.append(recover_batch(pool, labels[b], shape, lo, hi, config, b, timing, desc=f"recover batch {b + 1}/{len(batches)}",
                                         init=None if init is None else init[rows]))
@@ -484,7 +493,10 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
 
         with PeakMemory() as peak:
             loop.run(step, lambda: {"images": images})
-        images_t, labels_t = torch.cat(images), torch.cat(labels)
+        everything = distributed.gather_units(world, dict(zip(units, images)), len(batches))
+        if everything is None:
+            return None
+        images_t, labels_t = torch.cat(everything), torch.cat(labels)
         soft = relabel(pool, images_t, config.logit_norm)
         # The random real subset relabelled by the same pool: the baseline under the same protocol.
         idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, config.ipc, config.seed)
@@ -493,8 +505,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         baseline = DistillResult(images=real, labels=dataset.train_labels[idx].clone(), soft_labels=relabel(pool, real, config.logit_norm),
                                  teachers=teachers)
     stats: dict[str, Any] = {
-        "seconds_per_iteration": loop.seconds / (len(batches) * config.iterations) if batches and config.iterations else None,
-        "recover_seconds": loop.seconds,  # over every batch, before and after a resume
+        "seconds_per_iteration": loop.seconds / (len(units) * config.iterations) if units and config.iterations else None,
+        "recover_seconds": loop.seconds,  # rank 0's batches, before and after a resume
+        "world_size": world.size,
         "recover_peak_mem_mb": peak.mb if loop.iterations_this_process else None,
         "time_split_seconds": timing,
         "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
