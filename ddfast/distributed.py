@@ -6,8 +6,9 @@ The design (so that 1 and N processes agree bit for bit):
   classes in class-major order) is seeded from (seed, unit id) alone, never from the rank or the global RNG;
 * units are dealt to ranks round-robin (:func:`my_units`) and gathered by unit id (:func:`gather_units`), with no
   padding and no duplicated unit;
-* what every unit needs (teachers, statistics, the selected initial images) is computed once by rank 0 and cached or
-  broadcast before the units start (:func:`rank0_first`, :func:`broadcast`);
+* what every unit needs is built before the units start: the teachers and their statistics as units of their own
+  (each rank trains and caches its share, then all read the cache), the selected initial images by rank 0 and
+  broadcast (:func:`broadcast`);
 * rank 0 writes the outputs and evaluates; every rank checkpoints its own units, so a rerun with the same world size
   resumes.
 
@@ -16,10 +17,8 @@ CUDA is available (``--dist-backend`` overrides).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,17 +77,6 @@ def barrier(world: World) -> None:
         import torch.distributed as dist  # noqa: PLC0415
 
         dist.barrier()
-
-
-@contextlib.contextmanager
-def rank0_first(world: World) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. trains and caches the teachers), then the others run it (reading the cache)."""
-    if world.is_main:
-        yield
-        barrier(world)
-    else:
-        barrier(world)
-        yield
 
 
 def broadcast(world: World, value: Any) -> Any:

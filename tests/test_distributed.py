@@ -17,12 +17,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DDFAST_NO_PROGRESS": "1"}  # torch
 
 
 def _launch(out, nproc, *extra):
+    env = {**ENV, "DDFAST_CACHE_DIR": str(out.parent / f"cache-{out.name}")}  # each launch trains its own teachers
     if nproc == 1:
         cmd = [sys.executable, "-m", "ddfast.distill", *ARGS, "--out", str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ddfast.distill", *ARGS, "--out", str(out), *extra]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_give_the_one_process_set(tmp_path):
@@ -34,7 +35,7 @@ def test_two_processes_give_the_one_process_set(tmp_path):
     b = torch.load(tmp_path / "two" / "distilled.pt", weights_only=True)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
     assert torch.equal(a["soft_labels"], b["soft_labels"])
-    # each rank checkpointed its own batches: rank 0 the 3 of 0, 2, 4; rank 1 the 2 of 1, 3
+    # the two ranks trained one teacher each; each rank checkpointed its own batches: rank 0 the 3 of 0, 2, 4; rank 1 the 2 of 1, 3
     counts = [torch.load(tmp_path / "two" / "checkpoint" / f"gvbsm.rank{r}of2.pt", weights_only=True)["iteration"] for r in (0, 1)]
     assert counts == [3, 2]
 

@@ -268,7 +268,16 @@ def attach(name: str, model: nn.Module, config: Config, conv_stats: Callable[[St
     return Backbone(name, model, matcher)
 
 
-def build_backbones(dataset: data.Dataset, config: Config) -> list[Backbone]:
+def build_backbones(dataset: data.Dataset, config: Config, world: distributed.World = distributed.SINGLE) -> list[Backbone]:
+    """The frozen pool with its matchers. Under torchrun each backbone (teacher training + conv statistics, both cached)
+    is a unit: every rank builds its share first, then every rank reads the whole pool from the cache."""
+    if world.distributed:
+        names = list(config.backbones.items())
+        for u in distributed.my_units(world, len(names)):
+            name, width = names[u]
+            model, _ = get_teacher(dataset, name, width, config.teacher_epochs, seed=0, train_images=config.teacher_images)
+            attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config))
+        distributed.barrier(world)
     pool = []
     for name, width in config.backbones.items():
         model, acc = get_teacher(dataset, name, width, config.teacher_epochs, seed=0, train_images=config.teacher_images)
@@ -464,10 +473,9 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | 
     if world.is_main:
         print(_describe(config, args.preset))
     out = Path(args.out_dir)
-    # Statistics collection is preprocessing (cached): it always uses the fused ops. Rank 0 trains and caches the
-    # teachers and statistics; the other ranks then read them.
-    with backend.use_backend(None if config.official else args.backend), distributed.rank0_first(world):
-        pool = build_backbones(dataset, config)
+    # Statistics collection is preprocessing (cached): it always uses the fused ops.
+    with backend.use_backend(None if config.official else args.backend):
+        pool = build_backbones(dataset, config, world)
     with backend.use_backend("reference" if config.official else args.backend):
         mean = torch.tensor(dataset.mean).view(-1, 1, 1)
         std = torch.tensor(dataset.std).view(-1, 1, 1)
