@@ -1,0 +1,99 @@
+"""Results tables from committed result files: ``python -m ddfast.results [--check]``.
+
+Every file under ``results/<group>/*.json`` is one measured cell: the evaluation JSON that ``python -m ddfast.evaluate
+--json`` wrote (accuracies of every run and the full protocol) and the commands that produced it, tagged with the
+table, split, row, IPC and column it fills. This module renders each table and writes it into ``docs/results.md``
+between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; ``--check`` fails (exit 1) when the page differs
+from what the files give, so a number on the page always has its artefact and its command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = {"fkd": "fkd (E 300)", "random": "random subset, same recipe and teachers", "hard": "hard labels (DC)"}
+
+
+def load(root: Path = ROOT) -> list[dict[str, Any]]:
+    cells = []
+    for path in sorted((root / "results").glob("*/*.json")):
+        cell = json.loads(path.read_text())
+        for key in ("table", "split", "row", "ipc", "column", "commands", "result"):
+            if key not in cell:
+                raise ValueError(f"{path} has no {key!r}")
+        cell["file"] = str(path.relative_to(root))
+        cells.append(cell)
+    return cells
+
+
+def _cell(result: dict[str, Any]) -> str:
+    runs = len(result["accs"])
+    text = f"{result['mean']:.2f} ± {result['std']:.2f}" if runs > 1 else f"{result['mean']:.2f}"
+    return text + ("" if runs == 3 else f" ({runs} run{'s' if runs > 1 else ''})")
+
+
+def render(table: str, cells: list[dict[str, Any]]) -> str:
+    """A markdown table: one line per (row, IPC) in file order, the columns the cells fill; for a table with a
+    ``random`` column the difference to the random subset of the same IPC and split."""
+    mine = [c for c in cells if c["table"] == table]
+    if not mine:
+        raise ValueError(f"no result files for table {table!r}")
+    columns = [c for c in COLUMNS if any(cell["column"] == c for cell in mine)]
+    random = {(c["split"], c["ipc"]): c["result"] for c in mine if c["column"] == "random"}
+    rows: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for c in mine:
+        if c["column"] != "random":
+            rows[(c["split"], c["row"], c["ipc"])][c["column"]] = c["result"]
+    head = ["set", "split", "IPC", *(COLUMNS[c] for c in columns)]
+    with_delta = "random" in columns and "fkd" in columns
+    if with_delta:
+        head.insert(head.index(COLUMNS["random"]) + 1, "Δ")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (split, row, ipc), found in sorted(rows.items(), key=lambda kv: (kv[0][2], list(rows).index(kv[0]))):
+        line = [row, split, str(ipc)]
+        for col in columns:
+            res = random.get((split, ipc)) if col == "random" else found.get(col)
+            line.append(_cell(res) if res else "not run")
+            if col == "random" and with_delta:
+                fkd = found.get("fkd")
+                line.append(f"{fkd['mean'] - res['mean']:+.2f}" if fkd and res else "")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def update(page: str, cells: list[dict[str, Any]]) -> str:
+    """``page`` with every marked table re-rendered from ``cells``."""
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"<!-- results:{name} -->\n{render(name, cells)}\n<!-- /results:{name} -->"
+
+    return re.sub(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", fill, page, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddfast.results", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the result files")
+    parser.add_argument("--page", default=str(ROOT / "docs" / "results.md"))
+    args = parser.parse_args(argv)
+    page = Path(args.page)
+    text = page.read_text()
+    new = update(text, load())
+    if args.check:
+        if new != text:
+            print(f"{page} is not what the result files give: run python -m ddfast.results", file=sys.stderr)
+            return 1
+        return 0
+    page.write_text(new)
+    print(f"wrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""ddfast.results: the results page equals what the committed result files give; rendering on known cells."""
+import json
+
+import pytest
+
+from ddfast import results
+
+
+def test_the_results_page_is_generated_from_the_committed_files():
+    assert results.main(["--check"]) == 0
+
+
+def _cell(row, ipc, column, accs, split="test"):
+    mean = sum(accs) / len(accs)
+    std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
+    return {"table": "t", "split": split, "row": row, "ipc": ipc, "column": column, "commands": [],
+            "result": {"accs": accs, "mean": mean, "std": std}}
+
+
+def test_render_pairs_each_row_with_the_random_subset_of_its_ipc():
+    cells = [_cell("a", 10, "fkd", [76.0, 77.0, 78.0]), _cell("random", 10, "random", [75.0, 75.0, 75.0]),
+             _cell("a", 50, "fkd", [80.0]), _cell("a", 10, "hard", [70.0, 70.0, 70.0])]
+    table = results.render("t", cells).splitlines()
+    assert table[0] == "| set | split | IPC | fkd (E 300) | random subset, same recipe and teachers | Δ | hard labels (DC) |"
+    assert table[2] == "| a | test | 10 | 77.00 ± 0.82 | 75.00 ± 0.00 | +2.00 | 70.00 ± 0.00 |"
+    assert table[3] == "| a | test | 50 | 80.00 (1 run) | not run |  | not run |"
+    page = "x\n<!-- results:t -->\nold\n<!-- /results:t -->\ny"
+    assert results.update(page, cells) == "x\n<!-- results:t -->\n" + "\n".join(table) + "\n<!-- /results:t -->\ny"
+
+
+def test_a_result_file_without_its_tags_is_refused(tmp_path):
+    (tmp_path / "results" / "g").mkdir(parents=True)
+    (tmp_path / "results" / "g" / "x.json").write_text(json.dumps({"table": "t"}))
+    with pytest.raises(ValueError, match="has no 'split'"):
+        results.load(tmp_path)
