@@ -63,9 +63,9 @@ import torch.nn.functional as F
 
 from ddfast import augment, data, generators, judge, models
 from ddfast.methods import DistillResult, dim
+from ddfast.runner import Loop
 from ddfast.selection import class_balanced_subset
 from ddfast.train import get_teacher
-from ddfast.runner import Loop
 from ddfast.utils import atomic_torch_save, cache_dir, freeze, progress
 
 Tensor = torch.Tensor
@@ -83,8 +83,8 @@ LF_MODES = ("per-sample", "batchmean")
 LF_REDUCTIONS = ("sum", "mean")
 AUGMENTATIONS = ("dsa", "none")
 # What L_intra, L_inter and D see of φ's block 3: "flat" (the flattened pooled output, the "embed" of the DC/DM
-# code) or "gap" (its global average pool). Measured (docs/methods/dcgm.md, `python -m ddfast.methods.dcgm --probe`): after instance
-# norm + ReLU every channel's spatial mean is ≈ 0.399 for every image, so GAP₃ cannot tell two images apart.
+# code) or "gap" (its global average pool). Measured (docs/methods/dcgm.md, `python -m ddfast.methods.dcgm --probe`):
+# after instance norm + ReLU every channel's spatial mean is ≈ 0.399 for every image, so GAP₃ cannot tell images apart.
 FEATURES = ("flat", "gap")
 
 PRESETS: dict[str, dict[str, Any]] = {
