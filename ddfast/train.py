@@ -201,33 +201,31 @@ def get_teacher(
     path = teacher_path(dataset.name, model_name, width, epochs, seed, 0 if subset is None else len(subset), lr, batch_size)
     seed_everything(seed)
     model = models.create(model_name, dataset.channels, dataset.num_classes, dataset.image_size, width=width)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="cosine", augment="crop_flip")
+    acc = cached_fit(path, model, dataset, subset, config, seed, desc=f"teacher {model_name} on {dataset.name}")
+    return model.eval(), acc
+
+
+def cached_fit(path: Path, model: nn.Module, dataset: data.Dataset, subset: torch.Tensor | None, config: TrainConfig, seed: int,
+               desc: str) -> float:
+    """Load ``model`` from ``path`` when it is there; else train it with :func:`fit` on the training images (``subset`` of
+    them when given), checkpointing every epoch to ``path``'s ``.partial.pt`` (a killed run resumes to the same weights),
+    and store it with its test accuracy. Returns the test accuracy."""
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["model"])
-        model.eval()
-        return model, float(blob["test_acc"])
+        return float(blob["test_acc"])
     partial = path.with_suffix(".partial.pt")
     resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="cosine", augment="crop_flip")
-    gen = torch.Generator().manual_seed(seed)
     images, labels = dataset.train_images, dataset.train_labels
     if subset is not None:
         images, labels = images[subset], labels[subset]
-    fit(
-        model,
-        dataset.normalize(images),
-        labels,
-        config,
-        generator=gen,
-        desc=f"teacher {model_name} on {dataset.name}",
-        resume=resume,
-        checkpoint=lambda state: atomic_torch_save(state, partial),
-    )
+    fit(model, dataset.normalize(images), labels, config, generator=torch.Generator().manual_seed(seed), desc=desc, resume=resume,
+        checkpoint=lambda state: atomic_torch_save(state, partial))
     acc = accuracy(model, dataset.normalize(dataset.test_images), dataset.test_labels)
-    atomic_torch_save({"model": model.state_dict(), "test_acc": acc, "epochs": epochs, "seed": seed}, path)
+    atomic_torch_save({"model": model.state_dict(), "test_acc": acc, "epochs": config.epochs, "seed": seed}, path)
     partial.unlink(missing_ok=True)
-    model.eval()
-    return model, acc
+    return acc
 
 
 def teacher_spec(model: str, width: int | None, epochs: int, seed: int = 0, train_images: int = 0) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddfast import data, evaluate, io, train
-from ddfast.methods import random as random_method
+from ddfast.selection import class_balanced_subset
 
 
 @pytest.fixture()
@@ -76,18 +76,18 @@ def test_teacher_on_a_training_subset_has_its_own_cache_entry(cache):
 
 def test_random_subset_is_class_balanced_and_seeded():
     labels = torch.arange(10).repeat_interleave(30)
-    idx = random_method.select(labels, 10, 5, seed=3)
+    idx = class_balanced_subset(labels, 10, 5, seed=3)
     assert torch.equal(labels[idx], torch.arange(10).repeat_interleave(5))
-    assert torch.equal(idx, random_method.select(labels, 10, 5, seed=3))
-    assert not torch.equal(idx, random_method.select(labels, 10, 5, seed=4))
+    assert torch.equal(idx, class_balanced_subset(labels, 10, 5, seed=3))
+    assert not torch.equal(idx, class_balanced_subset(labels, 10, 5, seed=4))
     with pytest.raises(ValueError, match="class 0 has only 30"):
-        random_method.select(labels, 10, 31, seed=0)
+        class_balanced_subset(labels, 10, 31, seed=0)
 
 
 @pytest.mark.parametrize("label_mode, dsa", [("hard", True), ("hard", False), ("soft", True)])
 def test_evaluate_trains_above_chance(label_mode, dsa):
     ds = data.load("synthetic")
-    idx = random_method.select(ds.train_labels, ds.num_classes, 5, seed=0)
+    idx = class_balanced_subset(ds.train_labels, ds.num_classes, 5, seed=0)
     images, labels = ds.normalize(ds.train_images[idx]), ds.train_labels[idx]
     soft = torch.nn.functional.one_hot(labels, 10).float() * 8 if label_mode == "soft" else None
     result = evaluate.evaluate_synset(images, labels, ds, soft_labels=soft, width=16, epochs=20, runs=2, dsa=dsa, label_mode=label_mode)
@@ -97,7 +97,7 @@ def test_evaluate_trains_above_chance(label_mode, dsa):
 
 def test_evaluate_runs_split_over_processes_match():
     ds = data.load("synthetic")
-    idx = random_method.select(ds.train_labels, ds.num_classes, 2, seed=0)
+    idx = class_balanced_subset(ds.train_labels, ds.num_classes, 2, seed=0)
     images, labels = ds.normalize(ds.train_images[idx]), ds.train_labels[idx]
     kwargs = dict(width=8, epochs=3, dsa=True, seed=4)
     both = evaluate.evaluate_synset(images, labels, ds, runs=2, **kwargs)

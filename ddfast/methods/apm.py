@@ -39,8 +39,8 @@ from ddfast.methods import DistillResult
 from ddfast.ops import apm_loss
 from ddfast.runner import Loop
 from ddfast.selection import class_balanced_subset
-from ddfast.train import TrainConfig, accuracy, fit, random_subset, teacher_path
-from ddfast.utils import PeakMemory, atomic_torch_save, seed_everything
+from ddfast.train import TrainConfig, cached_fit, random_subset, teacher_path
+from ddfast.utils import PeakMemory, seed_everything
 
 NAME = "apm"
 MODEL = "convnet"  # ConvNet-D3, instance norm, as the official code
@@ -166,20 +166,7 @@ def get_teacher(dataset: data.Dataset, width: int, epochs: int, seed: int, train
     path = teacher_path(dataset.name, MODEL, width, epochs, seed, 0 if subset is None else len(subset), recipe="apm")
     seed_everything(seed)
     model = _network(dataset, width)
-    if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(blob["model"])
-        return _frozen(model), float(blob["test_acc"])
-    partial = path.with_suffix(".partial.pt")
-    resume = torch.load(partial, map_location="cpu", weights_only=True) if partial.is_file() else None
-    images, labels = dataset.train_images, dataset.train_labels
-    if subset is not None:
-        images, labels = images[subset], labels[subset]
-    fit(model, dataset.normalize(images), labels, teacher_config(epochs), generator=torch.Generator().manual_seed(seed),
-        desc=f"apm teacher {seed + 1} (convnet w{width})", resume=resume, checkpoint=lambda state: atomic_torch_save(state, partial))
-    acc = accuracy(model, dataset.normalize(dataset.test_images), dataset.test_labels)
-    atomic_torch_save({"model": model.state_dict(), "test_acc": acc, "epochs": epochs, "seed": seed}, path)
-    partial.unlink(missing_ok=True)
+    acc = cached_fit(path, model, dataset, subset, teacher_config(epochs), seed, desc=f"apm teacher {seed + 1} (convnet w{width})")
     return _frozen(model), acc
 
 
