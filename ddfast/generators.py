@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ddfast import data
 from ddfast._version import __version__
 from ddfast.io import check_plain
-from ddfast.utils import atomic_torch_save, cache_dir, progress
+from ddfast.runner import Loop
+from ddfast.utils import atomic_torch_save, cache_dir
 
 FORMAT = "ddfast-generator"
 FORMAT_VERSION = 1
@@ -281,48 +282,49 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:config.train_images]
         images, labels = images[keep], labels[keep]
     real_all = images * 2 - 1  # the generator's tanh range
-    partial = path.with_suffix(".partial.pt")
-    start, curve = 0, []
-    if partial.is_file():
-        blob = torch.load(partial, map_location="cpu", weights_only=True)
-        restore_gan_state(blob, g, d, opt_g, opt_d)
-        gen.set_state(blob["rng"])
-        start, curve = blob["epoch"], blob["judge_curve"]
-
     n = len(labels)
     steps = n // config.batch_size  # drop the last partial batch (batch norm)
-    bar = progress(total=config.epochs * steps, initial=start * steps, desc=f"GAN pretraining ({dataset.name})", unit="step")
+    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.epochs * steps, f"GAN pretraining ({dataset.name})",
+                every=steps, unit="step")  # checkpoints at epoch ends: the next epoch's permutation comes from the saved rng
+    saved = loop.resume()
+    curve: list[dict[str, Any]] = []
+    if saved is not None:
+        restore_gan_state(saved, g, d, opt_g, opt_d)
+        gen.set_state(saved["rng"])
+        curve = list(saved["judge_curve"])
     g.train(), d.train()
-    for epoch in range(start, config.epochs):
-        curve.append(judge.curve_point(pair, g, dataset, epoch * steps))
-        order = torch.randperm(n, generator=gen)
-        for step in range(steps):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            real, y = real_all[idx], labels[idx]
-            z = torch.randn(len(idx), config.z_dim, generator=gen)
-            y_fake = torch.randint(dataset.num_classes, (len(idx),), generator=gen)
-            fake = g(z, y_fake)
-            adv_r, cls_r = d(real)
-            adv_f, cls_f = d(fake.detach())
-            loss_d = (F.binary_cross_entropy_with_logits(adv_r, torch.ones_like(adv_r))
-                      + F.binary_cross_entropy_with_logits(adv_f, torch.zeros_like(adv_f))
-                      + F.cross_entropy(cls_r, y) + F.cross_entropy(cls_f, y_fake))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            adv_f, cls_f = d(fake)
-            loss_g = F.binary_cross_entropy_with_logits(adv_f, torch.ones_like(adv_f)) + F.cross_entropy(cls_f, y_fake)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            bar.update()
-            if step % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss_d=f"{float(loss_d.detach()):.3f}", loss_g=f"{float(loss_g.detach()):.3f}",
-                                consistency=f"{curve[-1]['consistency']:.1f}%")
-        atomic_torch_save(gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), epoch=epoch + 1, judge_curve=curve), partial)
-    bar.close()
+    order = torch.empty(0, dtype=torch.long)
+
+    def step(it: int) -> dict[str, str]:
+        nonlocal order
+        epoch, within = divmod(it, steps)
+        if within == 0:
+            curve.append(judge.curve_point(pair, g, dataset, it))
+            order = torch.randperm(n, generator=gen)
+        idx = order[within * config.batch_size:(within + 1) * config.batch_size]
+        real, y = real_all[idx], labels[idx]
+        z = torch.randn(len(idx), config.z_dim, generator=gen)
+        y_fake = torch.randint(dataset.num_classes, (len(idx),), generator=gen)
+        fake = g(z, y_fake)
+        adv_r, cls_r = d(real)
+        adv_f, cls_f = d(fake.detach())
+        loss_d = (F.binary_cross_entropy_with_logits(adv_r, torch.ones_like(adv_r))
+                  + F.binary_cross_entropy_with_logits(adv_f, torch.zeros_like(adv_f))
+                  + F.cross_entropy(cls_r, y) + F.cross_entropy(cls_f, y_fake))
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        adv_f, cls_f = d(fake)
+        loss_g = F.binary_cross_entropy_with_logits(adv_f, torch.ones_like(adv_f)) + F.cross_entropy(cls_f, y_fake)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        return {"epoch": str(epoch + 1), "loss_d": f"{float(loss_d.detach()):.3f}", "loss_g": f"{float(loss_g.detach()):.3f}",
+                "consistency": f"{curve[-1]['consistency']:.1f}%"}
+
+    loop.run(step, lambda: gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), judge_curve=curve))
     curve.append(judge.curve_point(pair, g, dataset, config.epochs * steps))
     save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config), "judge_curve": curve,
                                     "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    partial.unlink(missing_ok=True)
+    loop.path.unlink(missing_ok=True)
     return g.eval(), path
