@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddfast import data, fkd, generators, io, models, on_the_fly
+from ddfast import data, distributed, fkd, generators, io, models, on_the_fly
 from ddfast.selection import class_balanced_subset
 from ddfast.train import TrainConfig, accuracy, fit, load_teacher_pool
 from ddfast.utils import atomic_write_text, seed_everything
@@ -245,25 +245,46 @@ def main(argv: list[str] | None = None) -> int:
                         "accuracy and, in brackets, the code's max over 5 test points")
     parser.add_argument("--ipc", type=int, default=None, help="--on-the-fly: images per class per epoch (the code's INPC)")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
+    parser.add_argument("--dist-backend", choices=distributed.BACKENDS, default=None,
+                        help="under torchrun the runs are dealt to the ranks (same seeds, same accuracies as one process): the "
+                        "torch.distributed backend (default: nccl with CUDA, else gloo)")
     parser.set_defaults(epochs=None)  # 300 for a set; on-the-fly: the DiM code's 1000
     args = parser.parse_args(argv)
     if args.on_the_fly:
         return _main_on_the_fly(args)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
+    world = distributed.init(args.dist_backend)
     try:
         synset = io.load(args.file)
         meta = synset["meta"]
         dataset = data.load(args.dataset or meta.get("dataset", "fashion-mnist"), args.data_dir, holdout_images=args.holdout)
-        result = evaluate_synset(
-            synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=args.first_run,
-            teachers=meta.get("teachers"), random_subsets=args.random_subsets,
-            **protocol_kwargs(args, "", meta.get("label_mode") or (
-                "soft" if synset["soft_labels"] is not None or (args.recipe == "fkd" and bool(meta.get("teachers"))) else "hard")),
-        )
+        if args.runs < 1:
+            raise ValueError(f"--runs must be >= 1, got {args.runs}")
+
+        def evaluate_runs(first: int, runs: int) -> dict[str, Any]:
+            return evaluate_synset(
+                synset["images"], synset["labels"], dataset, soft_labels=synset["soft_labels"], seed=args.seed, first_run=first,
+                teachers=meta.get("teachers"), random_subsets=args.random_subsets,
+                **{**protocol_kwargs(args, "", meta.get("label_mode") or (
+                    "soft" if synset["soft_labels"] is not None or (args.recipe == "fkd" and bool(meta.get("teachers"))) else "hard")),
+                   "runs": runs},
+            )
+
+        if world.distributed:  # run r on rank r mod N, seeded as in one process (seed·1000 + r)
+            start = time.time()
+            mine = {u: evaluate_runs(args.first_run + u, 1) for u in distributed.my_units(world, args.runs)}
+            parts = distributed.gather_units(world, mine, args.runs)
+            if parts is None:
+                return 0
+            result = {**combine_runs(parts), "seconds": time.time() - start}
+        else:
+            result = evaluate_runs(args.first_run, args.runs)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{f' (rank {world.rank})' if world.distributed else ''}: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown(world)
     row = {"method": meta.get("method", "?"), "ipc": meta.get("ipc", "?"), **result}
     print(format_table([row]))
     print("accuracies: " + ", ".join(f"{a:.2f}" for a in result["accs"]) + f"  ({result['seconds']:.0f} s)")
@@ -271,6 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(json.dumps(result, indent=2), args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def combine_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from single-run results in run order (what one process evaluating all the runs returns; seconds
+    summed)."""
+    accs = [acc for part in parts for acc in part["accs"]]
+    protocol = {**parts[0]["protocol"], "runs": len(accs)}
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs, "protocol": protocol,
+            "seconds": sum(part["seconds"] for part in parts)}
 
 
 def _main_on_the_fly(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 """torchrun: N processes give the same distilled set as one (gvbsm on the synthetic dataset, gloo on CPU)."""
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,20 @@ def test_units_are_dealt_round_robin_and_gathered_in_order():
     assert distributed.my_units(distributed.World(1, 3), 8) == [1, 4, 7]
     assert distributed.my_units(distributed.SINGLE, 3) == [0, 1, 2]
     assert distributed.gather_units(distributed.SINGLE, {1: "b", 0: "a"}, 2) == ["a", "b"]
+
+
+def test_evaluation_runs_over_two_processes_give_the_one_process_accuracies(tmp_path):
+    from ddfast import data, io
+
+    ds = data.load("synthetic")
+    idx = torch.arange(0, len(ds.train_labels), 12)
+    io.save(tmp_path / "set.pt", ds.normalize(ds.train_images[idx]), ds.train_labels[idx], None, {"method": "random", "dataset": "synthetic"})
+    args = [str(tmp_path / "set.pt"), "--epochs", "3", "--runs", "3", "--width", "8"]
+    one = subprocess.run([sys.executable, "-m", "ddfast.evaluate", *args, "--json", str(tmp_path / "one.json")], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddfast.evaluate",
+                          *args, "--json", str(tmp_path / "two.json")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["accs"] == b["accs"] and a["mean"] == b["mean"] and len(b["accs"]) == 3  # runs 0, 2 on rank 0; run 1 on rank 1
