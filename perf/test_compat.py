@@ -21,19 +21,6 @@ from ddfast.reference import stat_match_official as official
 BATCH, SHAPE, WIDTH = 100, (1, 28, 28), 64
 
 
-class _OfficialSRe2LHook:
-    """SRe2L/recover/utils.py:92-104, statement by statement (the code a user swaps out)."""
-
-    def __init__(self, module):
-        self.hook = module.register_forward_hook(self.hook_fn)
-
-    def hook_fn(self, module, input, output):
-        nch = input[0].shape[1]
-        mean = input[0].mean([0, 2, 3])
-        var = input[0].permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
-        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
-
-
 def _model():
     torch.manual_seed(0)
     return models.create("resnet18", SHAPE[0], 10, SHAPE[1:], width=WIDTH).eval()
@@ -42,7 +29,7 @@ def _model():
 def _hooks(model, family, provider, tmp_path):
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if family == "sre2l":
-        cls = compat_sre2l.BNFeatureHook if provider == "ddfast" else _OfficialSRe2LHook
+        cls = compat_sre2l.BNFeatureHook if provider == "ddfast" else official.SRe2LBNFeatureHook
         return [cls(m) for m in bns]
     hooks = []
     for name, m in model.named_modules():

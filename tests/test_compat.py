@@ -1,6 +1,6 @@
 """ddfast.compat: the official recover hooks' drop-in replacements on K1, against the official statements in float64
-(SRe2L's BNFeatureHook written here after SRe2L/recover/utils.py:92-104; G-VBSM's hooks in ddfast.reference.stat_match_official,
-written statement by statement after Branch_CIFAR_10/recover/utils.py)."""
+(SRe2L's and G-VBSM's hooks in ddfast.reference.stat_match_official, written statement by statement after
+SRe2L/recover/utils.py:92-104 and Branch_CIFAR_10/recover/utils.py)."""
 
 import pytest
 import torch
@@ -12,19 +12,6 @@ from ddfast.reference import stat_match_official as official
 from ddfast.testing import rel_error
 
 F64 = torch.float64
-
-
-class OfficialSRe2LHook:
-    """SRe2L/recover/utils.py:92-104, statement by statement."""
-
-    def __init__(self, module):
-        self.hook = module.register_forward_hook(self.hook_fn)
-
-    def hook_fn(self, module, input, output):
-        nch = input[0].shape[1]
-        mean = input[0].mean([0, 2, 3])
-        var = input[0].permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
-        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
 
 
 def _net():
@@ -49,7 +36,7 @@ def _loss_and_grad(net, hooks, x):
 def test_sre2l_hook_equals_the_official_statements():
     net, ref_net = _net(), _net()
     ours = [compat_sre2l.BNFeatureHook(m) for m in net if isinstance(m, nn.BatchNorm2d)]
-    theirs = [OfficialSRe2LHook(m) for m in ref_net if isinstance(m, nn.BatchNorm2d)]
+    theirs = [official.SRe2LBNFeatureHook(m) for m in ref_net if isinstance(m, nn.BatchNorm2d)]
     x = torch.randn(5, 3, 14, 14, dtype=F64, generator=torch.Generator().manual_seed(1))
     (la, ga), (lb, gb) = _loss_and_grad(net, ours, x), _loss_and_grad(ref_net, theirs, x)
     assert rel_error(la, lb) < 1e-8 and rel_error(ga, gb) < 1e-8

@@ -1,4 +1,5 @@
-"""Statistic matching written statement by statement after the official G-VBSM code
+"""Statistic matching written statement by statement after the official G-VBSM code (and SRe2L's BN hook,
+``SRe2LBNFeatureHook``)
 (``Branch_CIFAR_10/recover/utils.py``: ``BNFeatureHook``, ``ConvFeatureHook``; the recover loop's
 ``rescale`` list in ``data_synthesis_with_svd_with_db_with_all_statistic.py``).
 
@@ -38,6 +39,23 @@ def _patch_rows(x: torch.Tensor, p: int) -> torch.Tensor:
     """einops ``"b c (u h) (v w) -> (u v) (b c h w)"`` with h = w = p."""
     b, c, hh, ww = x.shape
     return x.reshape(b, c, hh // p, p, ww // p, p).permute(2, 4, 0, 1, 3, 5).contiguous().reshape((hh // p) * (ww // p), -1)
+
+
+class SRe2LBNFeatureHook:
+    """SRe2L's hook (VILA-Lab/SRe2L ``SRe2L/recover/utils.py:92-104``), statement by statement: the batch statistics
+    against the BN running statistics, no EMA."""
+
+    def __init__(self, module: nn.BatchNorm2d) -> None:
+        self.hook = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nch = input[0].shape[1]
+        mean = input[0].mean([0, 2, 3])
+        var = input[0].permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+    def close(self) -> None:
+        self.hook.remove()
 
 
 class BNFeatureHook:
