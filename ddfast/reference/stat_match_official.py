@@ -1,7 +1,7 @@
-"""Statistic matching written statement by statement after the official G-VBSM code (and SRe2L's BN hook,
-``SRe2LBNFeatureHook``)
+"""Statistic matching written statement by statement after the official G-VBSM code
 (``Branch_CIFAR_10/recover/utils.py``: ``BNFeatureHook``, ``ConvFeatureHook``; the recover loop's
-``rescale`` list in ``data_synthesis_with_svd_with_db_with_all_statistic.py``).
+``rescale`` list in ``data_synthesis_with_svd_with_db_with_all_statistic.py``), and SRe2L's BN hook
+(``SRe2LBNFeatureHook``).
 
 Kept as the test oracle of :class:`ddfast.StatMatcher` and as the "official" perf baseline. What is
 kept from the official code, on purpose:
