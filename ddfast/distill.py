@@ -23,10 +23,10 @@ from ddfast.utils import atomic_write_text, seed_everything
 METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
            "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim", "dcgm": "ddfast.methods.dcgm"}
 
-GENERATIVE = ("d2m", "dim", "dcgm")
+GENERATIVE = ("d2m", "dim", "dcgm")  # methods whose set comes from a generator: judged (ddfast.judge)
 IMPLS = ("ddfast", "official")
 OFFICIAL_IMPL = ("gvbsm", "sre2l", "apm")  # methods with an official-style pipeline (--impl official)
-DISTRIBUTED = ("gvbsm", "sre2l")  # methods that deal their work units to the ranks of a torchrun launch  # methods whose set comes from a generator: judged (ddfast.judge)
+DISTRIBUTED = ("gvbsm", "sre2l")  # methods that deal their work units to the ranks of a torchrun launch
 
 
 def _method(name: str) -> Any:

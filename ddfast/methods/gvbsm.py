@@ -270,20 +270,18 @@ def attach(name: str, model: nn.Module, config: Config, conv_stats: Callable[[St
 
 def build_backbones(dataset: data.Dataset, config: Config, world: distributed.World = distributed.SINGLE) -> list[Backbone]:
     """The frozen pool with its matchers. Under torchrun each backbone (teacher training + conv statistics, both cached)
-    is a unit: every rank builds its share first, then every rank reads the whole pool from the cache."""
-    if world.distributed:
-        names = list(config.backbones.items())
-        for u in distributed.my_units(world, len(names)):
-            name, width = names[u]
-            model, _ = get_teacher(dataset, name, width, config.teacher_epochs, seed=0, train_images=config.teacher_images)
-            attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config))
-        distributed.barrier(world)
-    pool = []
-    for name, width in config.backbones.items():
+    is a unit: every rank builds its share first, then, after a barrier, the others from the cache."""
+    names = list(config.backbones.items())
+
+    def build(u: int) -> Backbone:
+        name, width = names[u]
         model, acc = get_teacher(dataset, name, width, config.teacher_epochs, seed=0, train_images=config.teacher_images)
         print(f"backbone {name} (width {width or 'default'}): test accuracy {acc:.2f}%", flush=True)
-        pool.append(attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config)))
-    return pool
+        return attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config))
+
+    mine = {u: build(u) for u in distributed.my_units(world, len(names))}
+    distributed.barrier(world)
+    return [mine[u] if u in mine else build(u) for u in range(len(names))]
 
 
 # ----------------------------------------------------------------------------- recover
