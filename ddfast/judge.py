@@ -28,6 +28,7 @@ import torch.nn as nn
 from ddfast import data, generators, io
 from ddfast.selection import class_candidates, pool_features
 from ddfast.train import get_teacher
+from ddfast.utils import freeze
 
 JUDGE_MODEL, JUDGE_WIDTH, JUDGE_EPOCHS = "convnet", 64, 3
 REAL_PER_CLASS = 100
@@ -37,8 +38,7 @@ CURVE_PER_CLASS = 20  # samples per class behind each point of a pretraining cur
 def get_judge(dataset: data.Dataset) -> tuple[nn.Module, float]:
     """The dataset's judge in eval mode (trained on first use, then read from the teacher cache) and its test accuracy."""
     model, acc = get_teacher(dataset, JUDGE_MODEL, JUDGE_WIDTH, JUDGE_EPOCHS, seed=0)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model, True)
     return model.eval(), acc
 
 
