@@ -489,28 +489,28 @@ double match_means(std::vector<double>& sr, std::vector<double>& ss, const std::
   return w * loss;
 }
 
-void check_features(const at::Tensor& f, const char* side, size_t l) {
-  TORCH_CHECK_VALUE(f.defined(), "attention_match_forward: ", side, " features of layer ", l, " are undefined");
-  TORCH_CHECK_VALUE(f.device().is_cpu(), "attention_match_forward: ", side, " features of layer ", l,
+void check_features(const char* fn, const at::Tensor& f, const char* what, size_t l) {
+  TORCH_CHECK_VALUE(f.defined(), fn, ": ", what, " of layer ", l, " are undefined");
+  TORCH_CHECK_VALUE(f.device().is_cpu(), fn, ": ", what, " of layer ", l,
                     " must be CPU tensors, got ", f.device());
-  TORCH_CHECK_VALUE(f.dim() == 4, "attention_match_forward: ", side, " features of layer ", l,
+  TORCH_CHECK_VALUE(f.dim() == 4, fn, ": ", what, " of layer ", l,
                     " must be 4-D [N, C, H, W], got shape ", f.sizes());
   const auto st = f.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                    "attention_match_forward: ", side, " features of layer ", l,
+                    fn, ": ", what, " of layer ", l,
                     " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-at::Tensor check_labels(const at::Tensor& y, const char* side, int64_t K) {
-  TORCH_CHECK_VALUE(y.defined() && y.device().is_cpu(), "attention_match_forward: ", side,
-                    "_labels must be a CPU tensor");
-  TORCH_CHECK_VALUE(y.dim() == 1, "attention_match_forward: ", side, "_labels must be 1-D, got shape ", y.sizes());
-  TORCH_CHECK_VALUE(y.scalar_type() == at::kLong || y.scalar_type() == at::kInt, "attention_match_forward: ", side,
-                    "_labels must be int64 or int32, got ", y.scalar_type());
+at::Tensor check_labels(const char* fn, const at::Tensor& y, const char* what, int64_t K) {
+  TORCH_CHECK_VALUE(y.defined() && y.device().is_cpu(), fn, ": ", what,
+                    " must be a CPU tensor");
+  TORCH_CHECK_VALUE(y.dim() == 1, fn, ": ", what, " must be 1-D, got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.scalar_type() == at::kLong || y.scalar_type() == at::kInt, fn, ": ", what,
+                    " must be int64 or int32, got ", y.scalar_type());
   at::Tensor lab = y.to(at::kLong).contiguous();
   const int64_t* p = lab.data_ptr<int64_t>();
   for (int64_t i = 0; i < lab.numel(); ++i)
-    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < K, "attention_match_forward: ", side, "_labels must lie in [0, ", K,
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < K, fn, ": ", what, " must lie in [0, ", K,
                       ") (num_classes), got ", p[i], " at index ", i);
   return lab;
 }
@@ -540,13 +540,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> attention_match_forw
   TORCH_CHECK_VALUE(p > 0.0 && std::isfinite(p), "attention_match_forward: p must be finite and > 0, got ", p);
   TORCH_CHECK_VALUE(num_classes >= 0, "attention_match_forward: num_classes must be >= 0, got ", num_classes);
   const int64_t K = num_classes;
-  const at::Tensor yr = check_labels(real_labels, "real", K);
-  const at::Tensor ys = check_labels(syn_labels, "syn", K);
+  const at::Tensor yr = check_labels("attention_match_forward", real_labels, "real_labels", K);
+  const at::Tensor ys = check_labels("attention_match_forward", syn_labels, "syn_labels", K);
   const int64_t NR = yr.numel(), NS = ys.numel();
   for (size_t l = 0; l < nl; ++l) {
     const at::Tensor &fr = real_feats[l], &fs = syn_feats[l];
-    check_features(fr, "real", l);
-    check_features(fs, "syn", l);
+    check_features("attention_match_forward", fr, "real features", l);
+    check_features("attention_match_forward", fs, "syn features", l);
     TORCH_CHECK_VALUE(fr.sizes().slice(1) == fs.sizes().slice(1), "attention_match_forward: layer ", l,
                       ": features must have equal C, H, W on both sides, got ", fr.sizes(), " and ", fs.sizes());
     TORCH_CHECK_VALUE(fr.size(0) == NR && fs.size(0) == NS, "attention_match_forward: layer ", l, ": ", fr.size(0), "/",
@@ -640,6 +640,79 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> attention_match_forw
   return {at::scalar_tensor(loss, at::TensorOptions().dtype(loss_dtype)), grads, d_emb};
 }
 
+
+// The two-pass form behind --segment: pass 1 sums â per class over the segments (no gradient); pass 2
+// gives each segment's dF from per-class u fixed by the global sums -- P4 of attention_match_forward
+// with u given instead of formed from this call's class means.
+std::vector<at::Tensor> attention_class_sums(const std::vector<at::Tensor>& feats, const at::Tensor& labels,
+                                             int64_t num_classes, double p, bool spatial) {
+  using namespace attn;
+  constexpr const char* fn = "attention_class_sums";
+  TORCH_CHECK_VALUE(p > 0.0 && std::isfinite(p), fn, ": p must be finite and > 0, got ", p);
+  TORCH_CHECK_VALUE(num_classes >= 0, fn, ": num_classes must be >= 0, got ", num_classes);
+  const int64_t K = num_classes;
+  const at::Tensor y = check_labels(fn, labels, "labels", K);
+  const int64_t N = y.numel();
+  const int64_t* ly = y.data_ptr<int64_t>();
+  std::vector<at::Tensor> out;
+  std::vector<double> ahat, r, sums;
+  std::vector<int64_t> soff;
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor& f = feats[l];
+    check_features(fn, f, "features", l);
+    TORCH_CHECK_VALUE(f.size(0) == N, fn, ": layer ", l, " has ", f.size(0), " rows but ", N, " labels");
+    const Geo g = make_geo(f, spatial, &soff);
+    const int64_t D = g.D();
+    ahat.resize(size_t(N * D));
+    r.resize(size_t(N));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attention_class_sums", [&] {
+      forward_side<scalar_t>(f, g, p, FwdOut{ahat.data(), r.data()});
+    });
+    const double* a = ahat.data();
+    class_sums(N, D, K, ly, [a, D](int64_t n, int64_t d) { return a[n * D + d]; }, &sums);
+    out.push_back(at::from_blob(sums.data(), {K, D}, at::TensorOptions().dtype(at::kDouble)).clone());
+  }
+  return out;
+}
+
+std::vector<at::Tensor> attention_vjp(const std::vector<at::Tensor>& feats, const at::Tensor& labels,
+                                      const std::vector<at::Tensor>& class_grads, double p, bool spatial) {
+  using namespace attn;
+  constexpr const char* fn = "attention_vjp";
+  TORCH_CHECK_VALUE(p > 0.0 && std::isfinite(p), fn, ": p must be finite and > 0, got ", p);
+  TORCH_CHECK_VALUE(class_grads.size() == feats.size(), fn, ": ", class_grads.size(), " class gradients for ",
+                    feats.size(), " layers");
+  std::vector<at::Tensor> grads;
+  std::vector<double> ahat, r;
+  std::vector<int64_t> soff;
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor& f = feats[l];
+    check_features(fn, f, "features", l);
+    const Geo g = make_geo(f, spatial, &soff);
+    const int64_t D = g.D();
+    const at::Tensor& u_in = class_grads[l];
+    TORCH_CHECK_VALUE(u_in.defined() && u_in.device().is_cpu() && u_in.dim() == 2 && u_in.size(1) == D, fn,
+                      ": class gradient of layer ", l, " must be a CPU [K, ", D, "] tensor, got ", u_in.sizes());
+    const int64_t K = u_in.size(0);
+    const at::Tensor u = u_in.to(at::kDouble).contiguous();
+    const at::Tensor y = check_labels(fn, labels, "labels", K);
+    const int64_t N = y.numel();
+    TORCH_CHECK_VALUE(f.size(0) == N, fn, ": layer ", l, " has ", f.size(0), " rows but ", N, " labels");
+    ahat.resize(size_t(N * D));
+    r.resize(size_t(N));
+    const std::vector<uint8_t> every(size_t(K), uint8_t(1));  // u is 0 on the classes that do not count
+    at::Tensor df = at::empty(f.sizes(), f.options().memory_format(at::MemoryFormat::Contiguous));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attention_vjp", [&] {
+      forward_side<scalar_t>(f, g, p, FwdOut{ahat.data(), r.data()});
+      BwdIn in;
+      in.ahat = ahat.data(), in.r = r.data(), in.u = u.data_ptr<double>(), in.active = every.data();
+      in.labels = y.data_ptr<int64_t>();
+      backward_side<scalar_t>(f, g, p, in, df);
+    });
+    grads.push_back(df);
+  }
+  return grads;
+}
 }  // namespace ddfast
 
 // Registered from csrc/bindings.cpp (one line there).
@@ -652,4 +725,11 @@ void ddfast_register_attention_match(pybind11::module_& m) {
         "K2 attention matching: (loss 0-dim float32 (float64 when the first synthetic layer is float64), "
         "[dF per layer, contiguous, the synthetic features' dtype; empty without with_grad], d_syn_emb [N_S, D] "
         "in syn_emb's dtype (empty without with_grad or embeddings))");
+  m.def("attention_class_sums", &ddfast::attention_class_sums, py::arg("feats"), py::arg("labels"),
+        py::arg("num_classes"), py::arg("p"), py::arg("spatial"),
+        "K2 pass 1 of --segment: per layer the per-class sums [K, M] (float64) of the unit-norm attention maps");
+  m.def("attention_vjp", &ddfast::attention_vjp, py::arg("feats"), py::arg("labels"), py::arg("class_grads"),
+        py::arg("p"), py::arg("spatial"),
+        "K2 pass 2 of --segment: per layer dF (contiguous, the features' dtype) of sum_n <a_hat_n, u[y_n]> for "
+        "per-class u [K, M]");
 }

@@ -10,9 +10,10 @@ temperature T, the "prediction matching" L_PM):
 
 :func:`match_loss` is the whole-batch form (K2 for the first two terms, autograd through the network).
 :func:`segmented_backward` is the exact two-pass form behind ``--segment S``: pass 1 runs the synthetic
-images through the network S at a time without a graph and accumulates the class sums; pass 2 re-runs
-each segment with a graph and back-propagates ⟨â_n, ∂L/∂â_n⟩ + ⟨e_n, ∂L/∂e_n⟩ + ⟨o_n, ∂L/∂o_n⟩ with the
-per-class derivatives fixed by pass 1, which is the gradient of L itself because L depends on every
+images through the network S at a time without a graph and accumulates the class sums (K2's
+``attention_class_sums`` for the attention maps); pass 2 re-runs each segment with a graph and
+back-propagates ⟨â_n, ∂L/∂â_n⟩ (K2's ``attention_grad_surrogate``) + ⟨e_n, ∂L/∂e_n⟩ + ⟨o_n, ∂L/∂o_n⟩ with
+the per-class derivatives fixed by pass 1, which is the gradient of L itself because L depends on every
 synthetic sample only through the class means. Memory is then ∝ S (plus the inputs); the network must
 not couple samples (instance norm, not batch norm in train mode).
 """
@@ -24,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast.ops import attention_match
-from ddfast.reference.attention_match import attention, class_means
+from ddfast.ops.attention_match import attention_class_sums, attention_grad_surrogate, attention_match
 
 Tensor = torch.Tensor
 
@@ -60,11 +60,22 @@ def network_outputs(net: nn.Module, x: Tensor) -> Outputs:
     return Outputs(acts, emb, net.classifier(emb))
 
 
+def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(per-class sums [K, D] of the rows of x, counts [K]) in x's dtype."""
+    counts = torch.bincount(labels.long(), minlength=num_classes).to(x.dtype)
+    return x.new_zeros(num_classes, x.shape[1]).index_add_(0, labels.long(), x), counts
+
+
+def _class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    sums, counts = class_sums(x, labels, num_classes)
+    return sums / counts.clamp_min(1).unsqueeze(1), counts
+
+
 def _prediction_term(real_logits: Tensor, syn_logits: Tensor, real_labels: Tensor, syn_labels: Tensor, num_classes: int,
                      temperature: float) -> Tensor:
     """Σ_k KL(σ(m^R_k/T) ‖ σ(m^S_k/T)) over the classes present on both sides (real side constant)."""
-    mr, nr = class_means(real_logits.detach().double(), real_labels, num_classes)
-    ms, ns = class_means(syn_logits.double(), syn_labels, num_classes)
+    mr, nr = _class_means(real_logits.detach().double(), real_labels, num_classes)
+    ms, ns = _class_means(syn_logits.double(), syn_labels, num_classes)
     both = (nr > 0) & (ns > 0)
     log_p = F.log_softmax(mr[both] / temperature, dim=1)
     log_q = F.log_softmax(ms[both] / temperature, dim=1)
@@ -92,18 +103,16 @@ class _ClassSums:
     @classmethod
     def of(cls, out: Outputs, labels: Tensor, num_classes: int, cfg: MatchConfig) -> _ClassSums:
         layers = len(out.acts) - 1
-        att = [class_means(attention(a, cfg.power, cfg.mode)[0], labels, num_classes) for a in out.acts[:layers]]
-        emb = class_means(out.emb.double(), labels, num_classes)
-        logits = class_means(out.logits.double(), labels, num_classes)
-        counts = emb[1]
-        return cls([m * counts.unsqueeze(1) for m, _ in att], emb[0] * counts.unsqueeze(1), logits[0] * counts.unsqueeze(1), counts)
+        att = attention_class_sums(out.acts[:layers], labels, num_classes, cfg.power, cfg.mode)
+        emb, counts = class_sums(out.emb.double(), labels, num_classes)
+        return cls(att, emb, class_sums(out.logits.double(), labels, num_classes)[0], counts)
 
     def add(self, other: _ClassSums) -> None:
         self.att = [a + b for a, b in zip(self.att, other.att)]
         self.emb, self.logits, self.counts = self.emb + other.emb, self.logits + other.logits, self.counts + other.counts
 
 
-def _class_sums(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, cfg: MatchConfig, segment: int) -> _ClassSums:
+def _segment_sums(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, cfg: MatchConfig, segment: int) -> _ClassSums:
     total = None
     with torch.no_grad():
         for start in range(0, x.shape[0], segment):
@@ -118,8 +127,8 @@ def _class_sums(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, cfg
 def segmented_backward(net: nn.Module, real_x: Tensor, real_labels: Tensor, syn_x: Tensor, syn_labels: Tensor, num_classes: int,
                        cfg: MatchConfig, segment: int) -> tuple[float, Tensor]:
     """(L, ∂L/∂syn_x) with at most ``segment`` images per network forward (both sides)."""
-    real = _class_sums(net, real_x, real_labels, num_classes, cfg, segment)
-    syn = _class_sums(net, syn_x.detach(), syn_labels, num_classes, cfg, segment)
+    real = _segment_sums(net, real_x, real_labels, num_classes, cfg, segment)
+    syn = _segment_sums(net, syn_x.detach(), syn_labels, num_classes, cfg, segment)
     both = ((real.counts > 0) & (syn.counts > 0)).double().unsqueeze(1)
     inv_r, inv_s = 1 / real.counts.clamp_min(1).unsqueeze(1), 1 / syn.counts.clamp_min(1).unsqueeze(1)
     loss = torch.zeros((), dtype=torch.float64)
@@ -145,7 +154,7 @@ def segmented_backward(net: nn.Module, real_x: Tensor, real_labels: Tensor, syn_
     for start in range(0, leaf.shape[0], segment):
         y = ys[start:start + segment]
         out = network_outputs(net, leaf[start:start + segment])
-        surrogate = sum((attention(a, cfg.power, cfg.mode)[0] * u[y]).sum() for a, u in zip(out.acts, u_att))
+        surrogate = attention_grad_surrogate(out.acts[:len(u_att)], y, u_att, cfg.power, cfg.mode)
         surrogate = surrogate + (out.emb.double() * u_emb[y]).sum() + (out.logits.double() * u_logits[y]).sum()
         surrogate.backward()
     return float(loss), leaf.grad

@@ -353,6 +353,45 @@ def class_means(x: torch.Tensor, perm: torch.Tensor, seg: torch.Tensor) -> torch
     return out
 
 
+def unit_attention(f: torch.Tensor, p: float, spatial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(â [N, M], r [N, 1]) fp32: the attention map over its L2 norm clamped at EPS (F.normalize)."""
+    a = attention_map(f, p, spatial)
+    r = torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(EPS)
+    return a / r, r
+
+
+def _map_grad(ah: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """v = ∂⟨â, u⟩/∂a per sample: (u − â⟨â, u⟩)/r, u/eps on F.normalize's clamp branch."""
+    return torch.where(r <= EPS, u / EPS, (u - ah * (ah * u).sum(dim=1, keepdim=True)) / r)
+
+
+def attention_class_sums(feats: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, p: float,
+                         spatial: bool) -> list[torch.Tensor]:
+    """Pass 1 of ``--segment``: per layer the per-class sums [K, M] (float64) of â."""
+    out = []
+    for f in feats:
+        _check_span(f, "features")
+        ah, _ = unit_attention(f, float(p), spatial)
+        y = labels.to(ah.device).long()
+        out.append(torch.zeros((num_classes, ah.shape[1]), dtype=torch.float64, device=ah.device).index_add_(0, y, ah.double()))
+    return out
+
+
+def attention_vjp(feats: Sequence[torch.Tensor], labels: torch.Tensor, class_grads: Sequence[torch.Tensor], p: float,
+                  spatial: bool) -> list[torch.Tensor]:
+    """Pass 2 of ``--segment``: per layer dF of Σ_n ⟨â_n, u[y_n]⟩ for per-class u [K, M] (kernels A and B)."""
+    grads = []
+    for f, u in zip(feats, class_grads):
+        _check_span(f, "features")
+        if f.numel() == 0:
+            grads.append(torch.zeros(f.shape, dtype=f.dtype, device=f.device))
+            continue
+        ah, r = unit_attention(f, float(p), spatial)
+        u_n = u.to(device=ah.device, dtype=torch.float32)[labels.to(ah.device).long()]
+        grads.append(attention_grad(f, _map_grad(ah, r, u_n), float(p), spatial))
+    return grads
+
+
 def _check_inputs(real_feats, syn_feats, real_labels, syn_labels, layer_weights, real_emb, syn_emb, p):
     if len(real_feats) != len(syn_feats):
         raise ValueError(f"real and synthetic feature lists differ in length: {len(real_feats)} vs {len(syn_feats)}")
@@ -420,12 +459,9 @@ def attention_match_forward(
     loss = torch.zeros((), **f32)
     grads: list[torch.Tensor] = []
     for fr, fs, w in zip(real_feats, syn_feats, weights):
-        a_r = attention_map(fr, p, spatial)
-        a_s = attention_map(fs, p, spatial)
-        r_r = torch.linalg.vector_norm(a_r, dim=1, keepdim=True).clamp_min(EPS)
-        r_s = torch.linalg.vector_norm(a_s, dim=1, keepdim=True).clamp_min(EPS)
-        ah_s = a_s / r_s
-        mu_r = class_means(a_r / r_r, perm_r, seg_r)
+        ah_r, _ = unit_attention(fr, p, spatial)
+        ah_s, r_s = unit_attention(fs, p, spatial)
+        mu_r = class_means(ah_r, perm_r, seg_r)
         mu_s = class_means(ah_s, perm_s, seg_s)
         diff = (mu_s - mu_r) * both
         loss = loss + w * diff.square().sum()
@@ -436,8 +472,7 @@ def attention_match_forward(
             grads.append(torch.zeros(fs.shape, dtype=fs.dtype, device=dev))
             continue
         u = ((2.0 * w) * diff * inv_ns)[ys_long]  # [N_S, M]
-        v = torch.where(r_s <= EPS, u / EPS, (u - ah_s * (ah_s * u).sum(dim=1, keepdim=True)) / r_s)
-        grads.append(attention_grad(fs, v, p, spatial))
+        grads.append(attention_grad(fs, _map_grad(ah_s, r_s, u), p, spatial))
 
     d_emb = torch.empty(0, **f32)
     if real_emb is not None and syn_emb is not None:
@@ -453,4 +488,4 @@ def attention_match_forward(
     return loss, grads, d_emb
 
 
-__all__ = ["attention_match_forward", "attention_map", "attention_grad", "class_means", "class_segments", "blocks"]
+__all__ = ["attention_match_forward", "attention_class_sums", "attention_vjp", "attention_map", "attention_grad", "class_means", "class_segments", "blocks"]

@@ -158,3 +158,72 @@ def test_op_with_the_embedding_only_traces_and_keeps_float64():
     assert_close(loss.detach(), expected.detach(), atol=1e-14, rtol=1e-12, name="loss")
     assert_close(compiled.detach(), expected.detach(), atol=1e-14, rtol=1e-12, name="compiled")
     assert_close(torch.autograd.grad(loss, es)[0], torch.autograd.grad(expected, es)[0], atol=1e-14, rtol=1e-12, name="grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# the two-pass form behind --segment (ops.attention_class_sums / attention_grad_surrogate), every backend
+# ---------------------------------------------------------------------------------------------
+# (backend, dtype, tolerance): the Triton kernels compute in fp32
+TWO_PASS = [("reference", F64, 1e-12), ("cpu", F64, 1e-12), ("cpu", torch.float32, 1e-5), ("triton", torch.float32, 1e-5)]
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+@pytest.mark.parametrize("p", [1.0, 4.0, 1.5])
+@pytest.mark.parametrize("backend_name,dtype,tol", TWO_PASS, ids=[f"{b}-{str(d)[6:]}" for b, d, _ in TWO_PASS])
+def test_two_pass_segments_give_the_whole_batch_loss_and_gradient(backend_name, dtype, tol, p, mode):
+    """Sum the class sums over segments of 3, form u_k = ∂L/∂m^S_k / n^S_k, back-propagate each segment's
+    surrogate: the loss and every layer's gradient equal the whole-batch K2 loss by autograd (float64)."""
+    from ddfast.backend import use_backend
+    from ddfast.ops.attention_match import attention_class_sums, attention_grad_surrogate
+
+    fr, fs, yr, ys, _, _ = _case(int(p * 7) + (mode == "channel"), zero_map=True)
+    fs = [f.to(dtype) for f in fs]
+    channels_last = [fs[0].contiguous(memory_format=torch.channels_last), fs[1][:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3)]
+    weights = [100.0, 30.0]
+    leaves = [f.double().requires_grad_(True) for f in channels_last]
+    expected = ref.attention_match(fr, leaves, yr, ys, p, mode, weights)
+    g_expected = torch.autograd.grad(expected, leaves)
+    num_classes = 5
+    seg = 3
+    with use_backend(backend_name):
+        real = attention_class_sums(fr, yr, num_classes, p, mode)
+        syn = None
+        for s in range(0, len(ys), seg):
+            part = attention_class_sums([f[s:s + seg] for f in channels_last], ys[s:s + seg], num_classes, p, mode)
+            syn = part if syn is None else [a + b for a, b in zip(syn, part)]
+        nr = torch.bincount(yr, minlength=num_classes).double().unsqueeze(1)
+        ns = torch.bincount(ys, minlength=num_classes).double().unsqueeze(1)
+        both = ((nr > 0) & (ns > 0)).double()
+        loss, us = 0.0, []
+        for w, sr, ss in zip(weights, real, syn):
+            assert sr.dtype == ss.dtype == F64 and ss.shape == (num_classes, sr.shape[1])
+            diff = (ss / ns.clamp_min(1) - sr / nr.clamp_min(1)) * both
+            loss += w * float(diff.square().sum())
+            us.append(2 * w * diff / ns.clamp_min(1))
+        grads = [torch.zeros_like(f, dtype=F64) for f in channels_last]
+        for s in range(0, len(ys), seg):
+            parts = [f[s:s + seg].detach().requires_grad_(True) for f in channels_last]
+            surrogate = attention_grad_surrogate(parts, ys[s:s + seg], us, p, mode)
+            assert float(surrogate.detach()) == 0.0 and surrogate.dtype == F64
+            surrogate.backward()
+            for g, part in zip(grads, parts):
+                assert part.grad.dtype == dtype and part.grad.shape == part.shape
+                g[s:s + seg] = part.grad.double()
+    assert abs(loss - float(expected)) <= tol * float(expected)
+    for l, (g, ge) in enumerate(zip(grads, g_expected)):
+        assert_close(g, ge, tol * float(ge.abs().max()), tol, f"layer {l} gradient")
+
+
+def test_two_pass_rejects_bad_input():
+    from ddfast.ops.attention_match import attention_class_sums, attention_grad_surrogate
+
+    f = torch.randn(4, 2, 3, 3)
+    y = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="mode"):
+        attention_class_sums([f], y, 2, 1.0, "pixel")
+    with pytest.raises(ValueError, match="N = 3 labels"):
+        attention_class_sums([f], y[:3], 2)
+    with pytest.raises(ValueError, match="1 class gradients for 2 layers"):
+        attention_grad_surrogate([f, f], y, [torch.zeros(2, 9)])
+    with pytest.raises(ValueError, match="p must be > 0"):
+        attention_grad_surrogate([f], y, [torch.zeros(2, 9)], p=0.0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import augment, data, models
+from ddfast import augment, backend, data, models
 from ddfast.distill import build_parser, run
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import datadam
@@ -104,6 +104,40 @@ def test_segmented_backward_is_the_whole_batch_gradient(segment, cfg):
     loss, g = segmented_backward(net, xr, yr, xs, ys, 10, cfg, segment)
     assert abs(loss - float(expected)) <= 1e-10 * float(expected.detach())
     assert rel_error(g, g_expected) < 1e-9
+
+
+def test_segmented_backward_runs_k2_not_the_reference(monkeypatch):
+    """--segment goes through K2's two-pass API (one class-sum call per forward segment, one vjp per backward
+    segment) on the C++ backend; the reference attention maps are never computed."""
+    import importlib
+
+    from ddfast.reference import attention_match as ref
+
+    k2 = importlib.import_module("ddfast.ops.attention_match")  # the package exports the function under this name
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the segmented path computed reference attention maps")
+
+    monkeypatch.setattr(ref, "attention", refuse)
+    calls = {"sums": 0, "vjp": 0}
+    sums_impl, vjp_impl = k2._class_sums_impl, k2._vjp_impl
+
+    def sums_spy(*args):
+        calls["sums"] += 1
+        return sums_impl(*args)
+
+    def vjp_spy(*args):
+        calls["vjp"] += 1
+        return vjp_impl(*args)
+
+    monkeypatch.setattr(k2, "_class_sums_impl", sums_spy)
+    monkeypatch.setattr(k2, "_vjp_impl", vjp_spy)
+    net = _net()
+    xr, yr, xs, ys = _batches(seed=2)
+    assert backend.select_backend(xs.device) == "cpu"
+    segmented_backward(net, xr, yr, xs, ys, 10, MatchConfig(), 4)
+    per = lambda n: -(-n // 4)  # noqa: E731
+    assert calls == {"sums": per(len(yr)) + per(len(ys)), "vjp": per(len(ys))}
 
 
 def test_match_loss_is_the_official_datadam_loss():

@@ -115,3 +115,100 @@ def attention_match(
     loss, _, _ = attention_match_forward(real, syn, real_labels, syn_labels, float(p), mode, weights,
                                          None if real_emb is None else real_emb.detach(), syn_emb, float(emb_weight), bool(with_grad))
     return loss
+
+
+# ----------------------------------------------------------------------------- two-pass form (--segment)
+
+
+def _class_sums_impl(feats, labels, num_classes, p, mode):
+    name = _backend_for(feats[0])
+    if name == "cpu":
+        return list(backend.cpu_extension().attention_class_sums(feats, labels.to("cpu"), num_classes, p, mode == "spatial"))
+    if name == "triton":
+        from ddfast.kernels import attention_match as triton_attention_match
+
+        return triton_attention_match.attention_class_sums(feats, labels, num_classes, p, mode == "spatial")
+    return ref.attention_class_sums(feats, labels, num_classes, p, mode)
+
+
+@torch.library.custom_op("ddfast::attention_class_sums", mutates_args=())
+def _attention_class_sums(feats: list[Tensor], labels: Tensor, num_classes: int, p: float, mode: str) -> list[Tensor]:
+    return _class_sums_impl(feats, labels, num_classes, p, mode)
+
+
+@_attention_class_sums.register_fake
+def _(feats, labels, num_classes, p, mode):
+    return [f.new_empty((num_classes, f.shape[2] * f.shape[3] if mode == "spatial" else f.shape[1]), dtype=torch.float64)
+            for f in feats]
+
+
+def _vjp_impl(feats, labels, class_grads, p, mode):
+    name = _backend_for(feats[0])
+    if name == "cpu":
+        return list(backend.cpu_extension().attention_vjp(feats, labels.to("cpu"), class_grads, p, mode == "spatial"))
+    if name == "triton":
+        from ddfast.kernels import attention_match as triton_attention_match
+
+        return triton_attention_match.attention_vjp(feats, labels, class_grads, p, mode == "spatial")
+    return ref.attention_vjp(feats, labels, class_grads, p, mode)
+
+
+@torch.library.custom_op("ddfast::attention_vjp", mutates_args=())
+def _attention_vjp(feats: list[Tensor], labels: Tensor, class_grads: list[Tensor], p: float, mode: str) -> list[Tensor]:
+    return _vjp_impl(feats, labels, class_grads, p, mode)
+
+
+@_attention_vjp.register_fake
+def _(feats, labels, class_grads, p, mode):
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in feats]
+
+
+def _check_two_pass(feats: Sequence[Tensor], labels: Tensor, p: float, mode: str) -> None:
+    ref._reduce_dim(mode)
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    for l, f in enumerate(feats):
+        if f.ndim != 4 or f.shape[0] != labels.shape[0]:
+            raise ValueError(f"layer {l}: features must be [N, C, H, W] with N = {labels.shape[0]} labels, got {tuple(f.shape)}")
+
+
+@torch.no_grad()
+def attention_class_sums(feats: Sequence[Tensor], labels: Tensor, num_classes: int, p: float = 1.0,
+                         mode: str = "spatial") -> list[Tensor]:
+    """Pass 1 of the two-pass form behind ``--segment``: per layer the per-class sums [K, M] (float64) of the
+    unit-norm attention maps â of features [N, C, H, W]. Add them over segments; sums / counts are the
+    class means :func:`attention_match` compares."""
+    feats = list(feats)
+    _check_two_pass(feats, labels, p, mode)
+    if not feats:
+        return []
+    return _attention_class_sums([f.detach() for f in feats], labels, int(num_classes), float(p), mode)
+
+
+class _AttentionGradSurrogate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, labels: Tensor, class_grads: list[Tensor], p: float, mode: str, *feats: Tensor) -> Tensor:
+        ctx.save_for_backward(labels, *feats)
+        ctx.class_grads, ctx.p, ctx.mode = class_grads, p, mode
+        return feats[0].new_zeros((), dtype=torch.float64)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        labels, *feats = ctx.saved_tensors
+        grads = _attention_vjp(feats, labels, [u.double() * g_out for u in ctx.class_grads], ctx.p, ctx.mode)
+        return (None, None, None, None, *grads)
+
+
+def attention_grad_surrogate(feats: Sequence[Tensor], labels: Tensor, class_grads: Sequence[Tensor], p: float = 1.0,
+                             mode: str = "spatial") -> Tensor:
+    """Pass 2: a zero-valued float64 scalar whose gradient w.r.t. each layer's features is ∂/∂F of
+    Σ_n ⟨â_n, u[y_n]⟩ for per-class u = ``class_grads`` [K, M]. With u_k = ∂L/∂m^S_k / n^S_k fixed from
+    the global sums of pass 1, that is this segment's exact share of ∂L/∂F for any loss L of the class
+    means (K2's backward with u given). Add it to the segment's other surrogates and back-propagate."""
+    feats = list(feats)
+    _check_two_pass(feats, labels, p, mode)
+    if len(class_grads) != len(feats):
+        raise ValueError(f"{len(class_grads)} class gradients for {len(feats)} layers")
+    if not feats:
+        return labels.new_zeros((), dtype=torch.float64)
+    return _AttentionGradSurrogate.apply(labels, [u.detach() for u in class_grads], float(p), mode, *feats)

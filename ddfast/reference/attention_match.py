@@ -100,6 +100,17 @@ def attention_match(
     return loss
 
 
+def _feature_grad(fs: Tensor, a_hat: Tensor, r: Tensor, u: Tensor, p: float, mode: str) -> Tensor:
+    """∂/∂F of Σ_n ⟨â_n, u_n⟩ for per-sample u [N, D], in fs's dtype."""
+    small = (r <= EPS).unsqueeze(1)  # F.normalize's clamp branch: â = a/eps, dâ/da = 1/eps
+    v = torch.where(small, u / EPS, (u - a_hat * (a_hat * u).sum(1, keepdim=True)) / r.unsqueeze(1))
+    x = fs.to(a_hat.dtype).flatten(2)
+    v = v.unsqueeze(1) if mode == "spatial" else v.unsqueeze(2)  # broadcast over the reduced axis
+    # d|x|^p/dx = p·|x|^(p−1)·sgn(x), 0 at x = 0 (also for p < 1, where the power is unbounded there)
+    dx = torch.sign(x) * v if p == 1 else torch.where(x != 0, p * x.abs().pow(p - 1) * torch.sign(x), 0.0) * v
+    return dx.view_as(fs).to(fs.dtype)
+
+
 def attention_match_and_grad(
     real_feats: Sequence[Tensor], syn_feats: Sequence[Tensor], real_labels: Tensor, syn_labels: Tensor,
     p: float = 1.0, mode: str = "spatial", layer_weights: Sequence[float] | None = None,
@@ -121,13 +132,7 @@ def attention_match_and_grad(
         diff = (ms - mr) * both
         loss = loss + w * diff.square().sum()
         u = (2 * w * diff / ns.clamp_min(1).unsqueeze(1))[ys]  # [N, D]
-        small = (r <= EPS).unsqueeze(1)  # F.normalize's clamp branch: â = a/eps, dâ/da = 1/eps
-        v = torch.where(small, u / EPS, (u - a_hat * (a_hat * u).sum(1, keepdim=True)) / r.unsqueeze(1))
-        x = fs.to(dtype).flatten(2)
-        v = v.unsqueeze(1) if mode == "spatial" else v.unsqueeze(2)  # broadcast over the reduced axis
-        # d|x|^p/dx = p·|x|^(p−1)·sgn(x), 0 at x = 0 (also for p < 1, where the power is unbounded there)
-        dx = torch.sign(x) * v if p == 1 else torch.where(x != 0, p * x.abs().pow(p - 1) * torch.sign(x), 0.0) * v
-        grads.append(dx.view_as(fs).to(fs.dtype))
+        grads.append(_feature_grad(fs, a_hat, r, u, p, mode))
     d_emb = None
     if real_emb is not None and syn_emb is not None:
         er, nr = class_means(real_emb.to(dtype), real_labels, num_classes)
@@ -136,3 +141,29 @@ def attention_match_and_grad(
         loss = loss + emb_weight * diff.square().sum()
         d_emb = (2 * emb_weight * diff / ns.clamp_min(1).unsqueeze(1))[ys].to(syn_emb.dtype)
     return loss, grads, d_emb
+
+
+def attention_class_sums(feats: Sequence[Tensor], labels: Tensor, num_classes: int, p: float = 1.0,
+                         mode: str = "spatial") -> list[Tensor]:
+    """Pass 1 of the two-pass (``--segment``) form: per layer the per-class sums [K, D] (float64) of â,
+    to be added over segments; the whole batch's means are sums / counts."""
+    _reduce_dim(mode)
+    out = []
+    for f in feats:
+        a_hat = attention(f, p, mode)[0].double()
+        out.append(a_hat.new_zeros(num_classes, a_hat.shape[1]).index_add_(0, labels.long(), a_hat))
+    return out
+
+
+def attention_vjp(feats: Sequence[Tensor], labels: Tensor, class_grads: Sequence[Tensor], p: float = 1.0,
+                  mode: str = "spatial") -> list[Tensor]:
+    """Pass 2: per layer ∂/∂F of Σ_n ⟨â_n, u[y_n]⟩ (the features' dtype) for per-class u = ``class_grads``
+    [K, D]; with u_k = ∂L/∂m^S_k / n^S_k from the global class sums this is a segment's share of ∂L/∂F."""
+    _reduce_dim(mode)
+    if len(class_grads) != len(feats):
+        raise ValueError(f"{len(class_grads)} class gradients for {len(feats)} layers")
+    grads = []
+    for f, u in zip(feats, class_grads):
+        a_hat, r = attention(f, p, mode)
+        grads.append(_feature_grad(f, a_hat, r, u.to(a_hat.dtype)[labels.long()], p, mode))
+    return grads
