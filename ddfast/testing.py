@@ -257,3 +257,40 @@ if __name__ == "__main__":  # the child process of aot_compile_many
         for e in entries
     ]
     print(json.dumps([dataclasses.asdict(r) for r in reports]))
+
+
+def sigkill_after_checkpoint(cmd: Sequence[str], checkpoint: str | os.PathLike, at_least: int = 1, timeout: float = 180.0,
+                             env: dict[str, str] | None = None) -> int:
+    """Start ``cmd`` and SIGKILL it once ``checkpoint`` exists and records ``iteration >= at_least``; the
+    checkpoint's iteration at the kill. The file is replaced atomically, so a read that races a rename
+    is retried."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    seen = None  # the checkpoint is read only when it changes: polling must not slow the run it watches
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                stamp = os.stat(checkpoint).st_mtime_ns
+                if stamp != seen and torch.load(checkpoint, weights_only=True)["iteration"] >= at_least:
+                    break
+                seen = stamp
+            except Exception:  # noqa: BLE001 - no checkpoint yet, or a read racing the atomic rename
+                pass
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before a checkpoint at iteration >= {at_least}: {' '.join(cmd)}")
+    return int(torch.load(checkpoint, weights_only=True)["iteration"])
+
+
+def assert_resumed_speed(resumed: dict[str, Any], whole: dict[str, Any], tolerance: float = 0.2) -> None:
+    """A resumed run's ``seconds_per_iteration`` (time before the kill + after the resume, over all
+    iterations) within ``tolerance`` of the uninterrupted run's."""
+    a, b = resumed["seconds_per_iteration"], whole["seconds_per_iteration"]
+    if not abs(a - b) <= tolerance * b:
+        raise AssertionError(f"resumed run: {a:.4g} s/iteration, uninterrupted: {b:.4g} (off by {a / b - 1:+.0%}, limit ±{tolerance:.0%})")

@@ -4,20 +4,16 @@ the l1 evaluation protocol — on the small synthetic dataset."""
 from __future__ import annotations
 
 import copy
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from ddfast import data, models
-from ddfast.backend import use_backend
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import evaluate_synset
 from ddfast.methods import apm
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 from ddfast.train import TrainConfig
 
 BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--teachers", "2", "--teacher-epochs", "1",
@@ -161,30 +157,17 @@ def test_reference_backend_runs_the_same_method(tmp_path):
 
 def test_sigkill_resumes_to_the_same_images(tmp_path):
     extra = ["--iterations", "12", "--no-compile"]
-    whole, _ = _run(tmp_path, "uninterrupted", *extra)
+    whole, whole_report = _run(tmp_path, "uninterrupted", *extra)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "apm", *BASE, *extra, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint" / "apm.pt"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if ckpt.exists():
-            try:
-                if torch.load(ckpt, weights_only=True)["iteration"] >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - the file is replaced atomically; a read can race a rename
-                pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
+    stopped_at = sigkill_after_checkpoint(cmd, out / "checkpoint" / "apm.pt", at_least=3)
     assert 3 <= stopped_at < 12 and not (out / "distilled.pt").exists()
     resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
     assert torch.equal(resumed["soft_labels"], whole["soft_labels"])
     split = report["time_split_seconds"]  # the rounds before the kill keep their time: per round over all 12
     assert report["seconds_per_iteration"] == pytest.approx((split["student_training"] + split["image_update"]) / 12, rel=0.05)
+    assert_resumed_speed(report, whole_report)
 
 
 @pytest.mark.parametrize(

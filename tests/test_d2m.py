@@ -15,7 +15,7 @@ import torch
 from ddfast import data, generators, io
 from ddfast.distill import build_parser, run
 from ddfast.generate import main as generate_main
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 
 GAN = ["--gan-epochs", "2", "--gen-width", "8", "--z-dim", "16"]
 BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--net-width", "8", "--d2m-batch", "32",
@@ -125,21 +125,15 @@ def test_segment_run_gives_the_whole_batch_generator(tmp_path):
 
 def test_sigkill_resumes_to_the_same_generator(tmp_path):
     extra = ["--iterations", "60"]
-    whole, _ = _run(tmp_path, "uninterrupted", *extra)
+    whole, whole_report = _run(tmp_path, "uninterrupted", *extra)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ddfast.distill", "--method", "d2m", *BASE, *extra, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint" / "d2m.pt"
-    deadline = time.time() + 180
-    while proc.poll() is None and time.time() < deadline and not ckpt.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(ckpt, weights_only=True)["iteration"] in (25, 50) and not (out / "distilled.pt").exists()
+    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "d2m", *BASE, *extra, "--out", str(out)]
+    assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "d2m.pt") in (25, 50) and not (out / "distilled.pt").exists()
     resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
     # the checkpoint's time covers the iterations before the kill: per iteration over all 60
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["refinement"] / 60)
+    assert_resumed_speed(report, whole_report)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,7 @@ DataDAM's official loop and a float64 formula, the exact two-pass --segment grad
 class, resume after SIGKILL and argument checks — on the small synthetic dataset."""
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from ddfast.distill import build_parser, run
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import datadam
 from ddfast.reference.attention_match_official import datadam_loss
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 
 F64 = torch.float64
 BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--net-width", "8", "--batch-real", "4", "--no-eval"]
@@ -189,28 +186,16 @@ def test_segment_run_gives_the_whole_batch_images(tmp_path):
     assert report["seconds_per_iteration"] > 0
 
 
-def test_sigkill_resumes_to_the_same_images(tmp_path):
+def test_sigkill_resumes_to_the_same_images_and_speed(tmp_path):
     extra = ["--iterations", "30"]
-    whole, _ = _run(tmp_path, "uninterrupted", *extra)
+    whole, whole_report = _run(tmp_path, "uninterrupted", *extra)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ddfast.distill", "--method", "datadam", *BASE, *extra, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint" / "datadam.pt"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if ckpt.exists():
-            try:
-                if torch.load(ckpt, weights_only=True)["iteration"] >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - the file is replaced atomically; a read can race a rename
-                pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
+    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "datadam", *BASE, *extra, "--out", str(out)]
+    stopped_at = sigkill_after_checkpoint(cmd, out / "checkpoint" / "datadam.pt", at_least=3)
     assert 3 <= stopped_at < 30 and not (out / "distilled.pt").exists()
-    resumed, _ = _run(tmp_path, "killed", *extra)
+    resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
+    assert_resumed_speed(report, whole_report)
 
 
 @pytest.mark.parametrize(

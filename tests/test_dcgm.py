@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch
 
 from ddfast import data, distill, generators, models
 from ddfast.methods import dcgm
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 
 F64 = torch.float64
 TINY = ["--gen-width", "8", "--z-dim", "16", "--gan-iterations", "4", "--gan-batch", "20", "--teacher-epochs", "1",
@@ -259,18 +256,13 @@ def test_dcgm_runs_end_to_end_and_writes_generator_and_codebook(npz28, tmp_path)
 
 def test_sigkill_resumes_to_the_same_images(npz28, tmp_path):
     extra = ["--iterations", "10", "--outer-loop", "4"]  # 40 steps, checkpoints at 10, 20, 30 (mid-round: φ restored) and 40
-    distill.run(_args(npz28, tmp_path / "whole", *extra))  # also fills the pretraining cache the subprocess reuses
+    whole_report = distill.run(_args(npz28, tmp_path / "whole", *extra))  # also fills the pretraining cache the subprocess reuses
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ddfast.distill", *_cli(npz28, out, *extra)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint" / "dcgm.pt"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not ckpt.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(ckpt, weights_only=True)["iteration"] in (10, 20, 30) and not (out / "distilled.pt").exists()
+    cmd = [sys.executable, "-m", "ddfast.distill", *_cli(npz28, out, *extra)]
+    assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "dcgm.pt") in (10, 20, 30) and not (out / "distilled.pt").exists()
     report = distill.run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["condensation"] / 40)  # over all steps
+    assert_resumed_speed(report, whole_report)
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]
     b = torch.load(out / "distilled.pt", weights_only=True)["images"]
     assert torch.equal(a, b)

@@ -22,7 +22,7 @@ from ddfast import data, generators
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import dim
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")  # tests/conftest.py
 
@@ -195,16 +195,10 @@ def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path):
     assert whole["method"] == "dim"
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY, *extra, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint" / "dim.pt"
-    deadline = time.time() + 180
-    while proc.poll() is None and time.time() < deadline and not ckpt.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(ckpt, weights_only=True)["iteration"] in (10, 20, 30) and not (out / "distilled.pt").exists()
+    assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "dim.pt") in (10, 20, 30) and not (out / "distilled.pt").exists()
     report = run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["stage2_matching"] / 40)  # over all 40
+    assert_resumed_speed(report, whole)
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]
     b = torch.load(out / "distilled.pt", weights_only=True)["images"]
     assert torch.equal(a, b)

@@ -1,10 +1,8 @@
 """G-VBSM / SRe2L pipeline: exact --segment mode, the official-style reference backend, resume
 after an interruption, and argument checks — on the small synthetic dataset."""
 import dataclasses
-import signal
-import subprocess
+import json
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from ddfast import data
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import gvbsm
-from ddfast.testing import rel_error
+from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
 
 BASE = ["--dataset", "synthetic", "--ipc", "4", "--iterations", "3", "--batch-size", "8",
         "--backbones", "resnet18:8,convnet:8", "--teacher-epochs", "1", "--no-eval"]
@@ -139,22 +137,17 @@ def test_sigkill_during_recover_resumes_to_the_same_images(tmp_path):
     # A real kill: the run is a separate process, SIGKILLed once its first batch is checkpointed.
     extra = ["--ipc", "2", "--batch-size", "4", "--iterations", "40"]
     whole = _run(tmp_path, "uninterrupted", *extra)
+    whole_report = json.loads((tmp_path / "uninterrupted" / "report.json").read_text())
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "gvbsm", *BASE, *extra, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoint" / "gvbsm.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = torch.load(out / "checkpoint" / "gvbsm.pt", weights_only=True)["iteration"]
-    assert proc.returncode == -signal.SIGKILL and 1 <= done < 5, (proc.returncode, done)
-    assert not (out / "distilled.pt").exists()
+    done = sigkill_after_checkpoint(cmd, out / "checkpoint" / "gvbsm.pt")
+    assert 1 <= done < 5 and not (out / "distilled.pt").exists()
     args = build_parser().parse_args(["--method", "gvbsm", *BASE, "--out", str(out), *extra])
     report = run(args)
     assert torch.equal(torch.load(out / "distilled.pt", weights_only=True)["images"], whole["images"])
     # the batches recovered before the kill keep their time: per iteration over all 5 batches × 40
     assert report["seconds_per_iteration"] == pytest.approx(report["recover_seconds"] / (5 * 40))
+    assert_resumed_speed(report, whole_report)
 
 
 def test_sre2l_matches_bn_only(tmp_path):
