@@ -1,4 +1,4 @@
-"""APM — dataset distillation via adversarial prediction matching (Chen et al. 2023; specs/apm.md).
+"""APM — dataset distillation via adversarial prediction matching (Chen et al. 2023, arXiv 2312.08912; docs/methods/apm.md).
 
 Every mid_gap+1 rounds a fresh student trains E epochs on the current synthetic images with L1 to a
 teacher's logits on the clean images (DSA on its inputs) and K checkpoints are kept; every round the

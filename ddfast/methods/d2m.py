@@ -1,4 +1,4 @@
-"""D2M — distilling a dataset into a generative model (Sajedi, Khaki et al., ECCV 2024; specs/d2m-datadam-k2.md).
+"""D2M — distilling a dataset into a generative model (Sajedi, Khaki et al., ECCV 2024, arXiv 2411.12841; docs/methods/datadam-d2m.md).
 
 A class-conditional generator G_φ, pretrained as a GAN (``ddfast.generators``, cached), is refined so
 that its images match real ones inside randomly initialised networks. Every iteration takes the next
@@ -10,7 +10,7 @@ on φ along
     L_PM = Σ_k KL(σ(m^R_k(o)/T) ‖ σ(m^S_k(o)/T))
 
 (attention maps through kernel K2; ``ddfast.matching``). No official D2M code exists: the choices the
-paper leaves open follow the spec's §6 recommendations and are listed in docs/methods/datadam-d2m.md. The output is the
+paper leaves open are ours and are listed in docs/methods/datadam-d2m.md. The output is the
 refined generator (OUT/generator.pt, ``python -m ddfast.generate`` samples any IPC from it) and a
 distilled set of exactly IPC images per class sampled from it; the pretrained generator sampled with the
 same latents is the baseline evaluated beside it.

@@ -1,23 +1,23 @@
-"""DCGM — condensing a dataset into a generative model (Zhang, Shou et al. 2023, arXiv 2309.07698; specs/dim-dcgm.md §B).
+"""DCGM — condensing a dataset into a generative model (Zhang, Shou et al. 2023, arXiv 2309.07698; docs/methods/dcgm.md).
 
-There is no official code: every choice the paper leaves open is marked **[ours]** here and follows the
-spec's recommendations (§B1, §B5, §B6); ``_describe`` prints all of them at the start of a run.
+There is no official code: every choice the paper leaves open is ours (the paper is silent on it) and is
+marked **[ours]** here; ``_describe`` prints all of them at the start of a run.
 
 The distilled format is a codebook Z ∈ R^{IPC×C_z} shared by all classes plus a class-conditional
 generator; the distilled set is exactly {x̃_{k,y} = G([z_k ; P e_y]) : k ≤ IPC, y ≤ K} (one run per IPC).
 
-* Class embedding e_y (§B1, B6.2 [ours]): mean over all training images of class y of the global average
+* Class embedding e_y ([ours]): mean over all training images of class y of the global average
   pool of block 3 of a ConvNet-D3 w128 from the teacher cache (``ddfast.train.get_teacher``); fixed, stored
   as a buffer of the generator. P = Linear(128 → C_z) is trained with G. Measured on Fashion-MNIST: after
   instance norm + ReLU a channel's spatial mean hardly depends on the image, so the ten e_y have pairwise
   cosine similarity ≥ 0.997; they are therefore centred over the classes and unit-normalised before P
   (``centred``, [ours]) (the same near-constancy holds for GAP₃ of φ below, which is why the losses use f₃).
-* Generator (§B1 [ours]): Linear(2·C_z → W·4·4) → 3 × {(ReLU → Conv3×3 → BN)×2 → nearest ×2} → ReLU →
+* Generator ([ours]): Linear(2·C_z → W·4·4) → 3 × {(ReLU → Conv3×3 → BN)×2 → nearest ×2} → ReLU →
   Conv3×3 → tanh, 32×32, centre-cropped to 28 for 28 px. Pretrained with DiM's stage-1 loop
   (``dim.gan_iteration``: WGAN-GP + AC, n_critic 1, Adam 1e-4 (0, 0.9), DiM's critic at width W) with
-  z ~ N(0, I) in place of codes; cached. Its batch norm is frozen in eval mode during condensation (B6.1),
+  z ~ N(0, I) in place of codes; cached. Its batch norm is frozen in eval mode during condensation ([ours]),
   so the stored images are the optimised ones.
-* Condensation (Alg. 1, §B1 [ours] sizes): ``iterations`` rounds, each re-initialising φ (ConvNet-D3,
+* Condensation (Alg. 1; sizes [ours]): ``iterations`` rounds, each re-initialising φ (ConvNet-D3,
   instance norm) and running N (``outer_loop``) × {M (``inner_loop``) steps on (Z, G, P); one SGD step of φ
   on real data (CE, lr 0.01, momentum 0)}; the φ step after the last G step of a round is skipped (DC does
   the same: the next round re-initialises φ). Every step uses all K·IPC codes and draws an association of
@@ -32,20 +32,21 @@ generator; the distilled set is exactly {x̃_{k,y} = G([z_k ; P e_y]) : k ≤ IP
   the condition P e_y is detached in D's input [ours: it is the label side, shared by real and fake].
   L_c: CE of φ's own classifier on the synthetic images. L_f (Eq. 2): per synthetic image
   Σ_l ‖f_l(x̃) − f̄_l(association of its class)‖² over φ's block outputs after pooling, mean over images;
-  ‖·‖² averages over C·H·W (the paper's text calls L_f "the MSE"; a deviation from spec B1's sum,
+  ‖·‖² averages over C·H·W (the paper's text calls L_f "the MSE"; a deviation from our first reading of Eq. 2 as a sum,
   ``--lf-reduction sum``). Measured on Fashion-MNIST: with the sum L_f ≈ 5·10³ and its gradient on G has norm
   ≈ 3·10⁴ against a parameter norm of ≈ 30, so the first SGD step (lr 1e-3) saturates G's tanh on every pixel
   and every later gradient is exactly 0; with the mean L_f ≈ 0.6, gradients ≈ 4 and the losses fall.
-  L_intra (Eq. 3, B6.3): L2-normalised f = f₃ features, positive = normalised mean φ-feature of the
+  L_intra (Eq. 3; these details [ours]): L2-normalised f = f₃ features, positive = normalised mean φ-feature of the
   class's real association, negatives the other IPC − 1 samples of the class, τ = 0.1, mean over samples.
-  L_inter (Eq. 4, B6.4): normalised class means of f, margin τ_m = 1, mean over ordered class pairs.
+  L_inter (Eq. 4; this scale [ours]): normalised class means of f, margin τ_m = 1, mean over ordered class pairs
+  (the paper sums).
   Z: SGD lr 0.01, G and P: SGD lr 0.001, momentum 0.5 both, lr decayed linearly to 0 over the run;
   φ's lr stays constant [ours: φ is re-initialised every round]; φ's CE batch gets its own DSA draw [ours:
   DC trains its net with DSA]; Z starts from N(0, I) [ours: G's pretraining prior]; D is created once and
   kept across φ re-initialisations [ours].
 
 The real association passes φ under no_grad a chunk at a time and only per-class sums of every block
-output survive (§B4: never [A·K, C, H, W] for the whole association). Outputs: the K·IPC images,
+output survive (never [A·K, C, H, W] for the whole association). Outputs: the K·IPC images,
 OUT/generator.pt (``ddfast.generators`` file, arch "dcgm"), OUT/codebook.pt (plain tensors; ``synthesize``
 regenerates the set from both), and as baseline the pretrained generator sampled with N(0, I) latents.
 """
@@ -105,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class DCGMGenerator(nn.Module):
-    """x̃ = G([z ; P e_y]) (§B1 [ours]): Linear(2·C_z → W·4·4) → [W, 4, 4] → 3 × {(ReLU → Conv3×3 → BN)×2 →
+    """x̃ = G([z ; P e_y]) ([ours]): Linear(2·C_z → W·4·4) → [W, 4, 4] → 3 × {(ReLU → Conv3×3 → BN)×2 →
     nearest ×2} → ReLU → Conv3×3 W → C → tanh, 32×32, centre-cropped to 28×28 for 28 px datasets.
 
     ``class_embedding`` [K, embed_dim] is a buffer (fixed, saved in the state dict); P = ``proj`` is learned.
@@ -142,7 +143,7 @@ generators.ARCHITECTURES["dcgm"] = DCGMGenerator
 
 
 class FeatureDiscriminator(nn.Module):
-    """D of Eq. 1 on features, not images (§B1 [ours]): MLP [f₃(φ(x)) ; P e_y] → hidden → LeakyReLU(0.2) → 1.
+    """D of Eq. 1 on features, not images ([ours]): MLP [f₃(φ(x)) ; P e_y] → hidden → LeakyReLU(0.2) → 1.
     Returns the logit; the sigmoid of the paper's D lives in the BCE (numerically stable, same value)."""
 
     def __init__(self, feature_dim: int, cond_dim: int, hidden: int = 256) -> None:
@@ -164,21 +165,21 @@ def discriminator_loss(disc: nn.Module, real_feat: Tensor, real_cond: Tensor, fa
 
 
 def generator_adversarial_loss(disc: nn.Module, fake_feat: Tensor, fake_cond: Tensor) -> Tensor:
-    """L_adv for (Z, G): the non-saturating form −mean log D(φ(x̃), c(y)) of Eq. 1's G side [ours, B1]."""
+    """L_adv for (Z, G): the non-saturating form −mean log D(φ(x̃), c(y)) of Eq. 1's G side [ours]."""
     fake = disc(fake_feat, fake_cond)
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_c: CE of φ's own classifier on the synthetic images [ours, B1]."""
+    """L_c: CE of φ's own classifier on the synthetic images [ours]."""
     return F.cross_entropy(logits, labels)
 
 
 def feature_matching_loss(syn_blocks: list[Tensor], real_means: list[Tensor], labels: Tensor, mode: str = "per-sample",
                           reduction: str = "mean") -> Tensor:
     """L_f (Eq. 2). ``per-sample`` (the paper): mean over synthetic images i of Σ_l ‖f_l(x̃_i) − f̄_l[y_i]‖²;
-    ``batchmean`` (CAFE's form, B6.5): mean over the classes present of Σ_l ‖mean_{i: y_i = y} f_l(x̃_i) − f̄_l[y]‖².
-    ``reduction`` of each layer's ‖·‖² over C·H·W: ``sum`` (spec B1) or ``mean`` (the paper's text: "the MSE").
+    ``batchmean`` (CAFE's form): mean over the classes present of Σ_l ‖mean_{i: y_i = y} f_l(x̃_i) − f̄_l[y]‖².
+    ``reduction`` of each layer's ‖·‖² over C·H·W: ``sum`` (our first reading of Eq. 2) or ``mean`` (the paper's text: "the MSE").
     ``real_means[l]`` is [K, C, H, W]."""
     if mode == "per-sample":
         rows, targets = syn_blocks, [mu[labels] for mu in real_means]
@@ -193,7 +194,7 @@ def feature_matching_loss(syn_blocks: list[Tensor], real_means: list[Tensor], la
 
 
 def intra_class_loss(features: Tensor, labels: Tensor, positives: Tensor, tau: float) -> Tensor:
-    """L_intra (Eq. 3, B6.3): with f̂ = f/‖f‖, p̂_y = p_y/‖p_y‖ and e(s) = exp(s/τ), per synthetic sample i
+    """L_intra (Eq. 3; normalisation, positive and τ [ours]): with f̂ = f/‖f‖, p̂_y = p_y/‖p_y‖ and e(s) = exp(s/τ), per synthetic sample i
     −log e⟨f̂_i, p̂_{y_i}⟩ / (Σ_{j ≠ i, y_j = y_i} e⟨f̂_i, f̂_j⟩ + e⟨f̂_i, p̂_{y_i}⟩), mean over samples.
     ``positives`` [K, D] is indexed by label; identically 0 when every class has one sample."""
     f = F.normalize(features, dim=1)
@@ -205,8 +206,8 @@ def intra_class_loss(features: Tensor, labels: Tensor, positives: Tensor, tau: f
 
 
 def inter_class_loss(features: Tensor, labels: Tensor, margin: float) -> Tensor:
-    """L_inter (Eq. 4, B6.4): m_c = normalised mean of class c's features, over the classes present;
-    mean over ordered pairs c_A ≠ c_B of max(τ_m − ‖m_A − m_B‖, 0) (the paper sums; B6.4 averages)."""
+    """L_inter (Eq. 4; normalisation and averaging [ours]): m_c = normalised mean of class c's features, over the classes present;
+    mean over ordered pairs c_A ≠ c_B of max(τ_m − ‖m_A − m_B‖, 0) (the paper sums; we average)."""
     classes, inverse = labels.unique(return_inverse=True)
     if len(classes) < 2:
         return features.sum() * 0
@@ -220,7 +221,7 @@ def inter_class_loss(features: Tensor, labels: Tensor, margin: float) -> Tensor:
 
 
 def phi_outputs(net: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
-    """(block outputs after pooling, logits) of a ``ddfast.models`` ConvNet: L_f's f_l ([ours] B1)."""
+    """(block outputs after pooling, logits) of a ``ddfast.models`` ConvNet: L_f's f_l ([ours])."""
     blocks, h = [], x
     for layer in net.features:
         h = layer(h)
@@ -256,7 +257,7 @@ class RealStats:
 def real_statistics(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int, chunk: int = CHUNK,
                     feature: str = "flat") -> RealStats:
     """The association's pass through φ, ``chunk`` images at a time: each chunk's block outputs are added
-    into per-class float64 sums and dropped, so at most [chunk, C, H, W] activations live at once (§B4)."""
+    into per-class float64 sums and dropped, so at most [chunk, C, H, W] activations live at once."""
     sums: list[Tensor] = []
     features = []
     for start in range(0, x.shape[0], chunk):
@@ -276,7 +277,7 @@ def real_statistics(net: nn.Module, x: Tensor, labels: Tensor, num_classes: int,
 @torch.no_grad()
 def class_embeddings(extractor: nn.Module, dataset: data.Dataset, batch: int = CHUNK) -> Tensor:
     """e_y [K, C] = mean over all training images of class y of the spatial mean of the extractor's last
-    block (the "spatially pooled lowest-resolution feature", §B1 [ours] B6.2)."""
+    block (the "spatially pooled lowest-resolution feature", [ours])."""
     extractor.eval()
     k, n = dataset.num_classes, len(dataset.train_labels)
     sums: Tensor | None = None
@@ -324,7 +325,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lf", choices=LF_MODES, default="per-sample",
                        help="dcgm: L_f per synthetic image to its association's mean (the paper) or class batch mean to mean (CAFE)")
     group.add_argument("--lf-reduction", choices=LF_REDUCTIONS, default="mean",
-                       help="dcgm: each layer's squared distance in L_f summed over C·H·W (sum, the spec) or averaged (mean, the "
+                       help="dcgm: each layer's squared distance in L_f summed over C·H·W (sum, our first reading of the paper's Eq. 2) or averaged (mean, the "
                        "paper's \"MSE\")")
     group.add_argument("--dcgm-aug", choices=AUGMENTATIONS, default="dsa",
                        help="dcgm: siamese DSA on real and synthetic images before φ and on φ's training batch (dsa) or none")
@@ -432,7 +433,7 @@ def pretrained_path(dataset: data.Dataset, config: Config) -> Path:
 
 
 def pretrain(dataset: data.Dataset, config: Config) -> Path:
-    """Class embeddings, then DiM's stage-1 GAN loop on the DCGM generator with z ~ N(0, I) (§B1 [ours]).
+    """Class embeddings, then DiM's stage-1 GAN loop on the DCGM generator with z ~ N(0, I) ([ours]).
     Cached by its arguments; checkpointed every 50 iterations (the embedding rides in G's state dict), so
     a killed run re-run with the same arguments resumes and ends with the same weights."""
     path = pretrained_path(dataset, config)
@@ -493,7 +494,7 @@ class State:
 
 def new_phi(dataset: data.Dataset, config: Config, round_: int) -> tuple[nn.Module, torch.optim.SGD]:
     """φ of round ``round_``: a fresh ConvNet-D3 (instance norm), its init drawn from the round's seed so a
-    resumed run rebuilds it; SGD lr ``lr_phi``, momentum 0 ([ours] B1: DC's net optimiser)."""
+    resumed run rebuilds it; SGD lr ``lr_phi``, momentum 0 ([ours]: DC's net optimiser)."""
     torch.manual_seed(config.seed * 1_000_033 + round_)
     phi = models.create(PHI_MODEL, dataset.channels, dataset.num_classes, dataset.image_size, width=config.net_width).train()
     return phi, torch.optim.SGD(phi.parameters(), lr=config.lr_phi, momentum=0.0)
@@ -578,7 +579,7 @@ def phi_step(state: State, dataset: data.Dataset, config: Config, gen: torch.Gen
 
 
 def _set_lr(state: State, config: Config, step: int) -> None:
-    """Linear decay to 0 over the run for Z and G ([ours] B1; the paper: "linear epoch decay")."""
+    """Linear decay to 0 over the run for Z and G ([ours]; the paper: "linear epoch decay")."""
     factor = 1 - step / config.steps
     for opt, lr in ((state.opt_code, config.lr_code), (state.opt_gen, config.lr_gen)):
         for group in opt.param_groups:

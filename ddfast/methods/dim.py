@@ -1,4 +1,4 @@
-"""DiM — distilling a dataset into a generative model (Wang, Gu et al. 2023; specs/dim-dcgm.md §A).
+"""DiM — distilling a dataset into a generative model (Wang, Gu et al. 2023, arXiv 2303.04707; docs/methods/dim.md).
 
 Stage 1 trains DiM's conditional GAN exactly as vimar-gu/DiM's gen_condense.py:210-270 does: WGAN-GP
 (weight 10) + AC-GAN class losses, one critic step per generator step, Adam lr 1e-4 with betas (0, 0.9),
@@ -15,7 +15,8 @@ pooling variants), freshly initialised every ``pool_every`` iterations (the code
 DiffAug draw (color, crop, cutout). The generator's batch norm stays in train mode in both stages.
 
 Images: the critic sees tanh-range images ([−1, 1], as the official loaders give it); every classifier
-(pool models, evaluation) sees G → (x+1)/2 → the dataset's normalisation, one pipeline (spec §A6.8).
+(pool models, evaluation) sees G → (x+1)/2 → the dataset's normalisation, one pipeline (the official code
+normalises [−1, 1] tensors in matching and pool training but (x+1)/2 at deployment).
 
 What is removed from the official loop without changing the result: the DataLoader rebuilt for every
 16-step pool update, weight gradients of the critic and the pool model that the code computes in the

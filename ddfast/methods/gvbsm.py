@@ -1,4 +1,4 @@
-"""G-VBSM (and SRe2L): squeeze -> statistics -> recover -> relabel (DESIGN §6).
+"""G-VBSM (and SRe2L): squeeze -> statistics -> recover -> relabel (defaults from the official code; docs/methods/gvbsm.md).
 
 * squeeze: a backbone pool trained with ``ddfast.train.get_teacher`` (cached);
 * statistics: global conv-input statistics per backbone (``StatMatcher.collect_conv_stats``, cached);
@@ -7,7 +7,9 @@
   with the official betas and a cosine schedule, clamped to the valid pixel range;
 * relabel: ensemble-mean backbone logits as soft labels.
 
-``--segment N`` runs the exact two-pass scheme of DESIGN §5; ``--impl official`` runs the
+``--segment N`` runs an exact two-pass scheme (pass 1 accumulates every matched layer's statistics over the
+segments without grad, pass 2 re-runs each segment and injects the closed-form gradient of the full-batch
+loss; docs/methods/gvbsm.md); ``--impl official`` runs the
 same method through the official-style hooks and the official densification loop.
 """
 from __future__ import annotations
@@ -354,7 +356,8 @@ def _step_full(bb: Backbone, xa: torch.Tensor, y: torch.Tensor, config: Config, 
 
 
 def _step_segments(bb: Backbone, x: torch.Tensor, aug: Jitter, y: torch.Tensor, config: Config, timing: dict[str, float]) -> float:
-    """Exact two-pass segment step (DESIGN §5): gradients equal the full-batch step's."""
+    """Exact two-pass segment step (pass 1: the full-batch statistics, pass 2: per-segment gradient injection):
+    gradients equal the full-batch step's."""
     t0 = time.perf_counter()
     matcher = bb.matcher
     with torch.no_grad():
