@@ -26,7 +26,7 @@ METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "
 GENERATIVE = ("d2m", "dim", "dcgm")  # methods whose set comes from a generator: judged (ddfast.judge)
 IMPLS = ("ddfast", "official")
 OFFICIAL_IMPL = ("gvbsm", "sre2l", "apm")  # methods with an official-style pipeline (--impl official)
-DISTRIBUTED = ("gvbsm", "sre2l")  # methods that deal their work units to the ranks of a torchrun launch
+DISTRIBUTED = ("gvbsm", "sre2l", "apm", "datadam")  # methods that deal their work units to the ranks of a torchrun launch
 
 
 def _method(name: str) -> Any:
@@ -123,6 +123,8 @@ def resolve_evaluation(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad arguments before any work starts."""
+    if args.class_groups is not None and args.method != "datadam":
+        raise ValueError(f"--class-groups is a --method datadam option; --method {args.method} does not use it")
     resolve_evaluation(args)
     if args.holdout < 0:
         raise ValueError(f"--holdout must be >= 0 (0 = off), got {args.holdout}")

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 BACKENDS = ("gloo", "nccl")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +95,42 @@ def broadcast(world: World, value: Any) -> Any:
 def my_units(world: World, count: int) -> list[int]:
     """The unit ids of this rank: round-robin, ``rank, rank + size, ...``."""
     return list(range(world.rank, count, world.size))
+
+
+def build_everywhere(world: World, count: int, build: Callable[[int], T]) -> list[T]:
+    """Units every rank needs whose builds are cached (teachers, their statistics): each rank builds its share first,
+    then, after a barrier, the others -- from the cache the other ranks just filled."""
+    mine = {u: build(u) for u in my_units(world, count)}
+    barrier(world)
+    return [mine[u] if u in mine else build(u) for u in range(count)]
+
+
+def checkpoint_name(world: World, name: str) -> str:
+    """The file stem of this rank's checkpoint: ``name`` alone, ``name.rank{r}of{n}`` under torchrun (a rerun must
+    use the same world size to resume)."""
+    return name if not world.distributed else f"{name}.rank{world.rank}of{world.size}"
+
+
+def sum_disjoint(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the sum over ranks of tensors whose nonzero entries no two ranks share (each rank filled the rows
+    of its own units), which is exact whatever the reduction order: x + 0 = x."""
+    if world.distributed:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_units(world: World, results: dict[int, Any], count: int) -> list[Any]:
+    """On every rank the results of all ``count`` units in unit order (every rank passes its own {unit id: result})."""
+    if not world.distributed:
+        return [results[u] for u in range(count)]
+    import torch.distributed as dist  # noqa: PLC0415
+
+    parts: list[dict[int, Any] | None] = [None] * world.size
+    dist.all_gather_object(parts, results)
+    merged = {u: r for part in parts for u, r in part.items()}
+    return [merged[u] for u in range(count)]
 
 
 def gather_units(world: World, results: dict[int, Any], count: int) -> list[Any] | None:

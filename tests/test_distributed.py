@@ -1,8 +1,11 @@
-"""torchrun: N processes give the same distilled set as one (gvbsm on the synthetic dataset, gloo on CPU)."""
+"""torchrun: N processes give the same distilled set as one (gvbsm, apm, datadam on the synthetic dataset, gloo on
+CPU); a killed rank ends the job with an error naming it, and the rerun resumes to the same set."""
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,28 +20,65 @@ ARGS = ["--method", "gvbsm", "--dataset", "synthetic", "--ipc", "4", "--iteratio
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DDFAST_NO_PROGRESS": "1"}  # torchrun's default thread count, for both runs
 
 
-def _launch(out, nproc, *extra):
-    env = {**ENV, "DDFAST_CACHE_DIR": str(out.parent / f"cache-{out.name}")}  # each launch trains its own teachers
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "ddfast.distill", *ARGS, "--out", str(out), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ddfast.distill", *ARGS, "--out", str(out), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+APM = ["--method", "apm", "--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--teachers", "3", "--teacher-epochs", "1",
+       "--net-width", "8", "--student-epochs", "4", "--checkpoints", "2", "--mid-gap", "1", "--no-eval", "--no-compile"]
+DATADAM = ["--method", "datadam", "--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--net-width", "8",
+           "--batch-real", "4", "--match-norm", "instancenorm", "--class-groups", "3", "--no-eval"]
 
 
-def test_two_processes_give_the_one_process_set(tmp_path):
-    one = _launch(tmp_path / "one", 1)
+def _launch(out, nproc, *extra, args=ARGS, cache=None, program=("-m", "ddfast.distill")):
+    # each launch trains its own teachers unless told to share a cache
+    env = {**ENV, "DDFAST_CACHE_DIR": str(cache or out.parent / f"cache-{out.name}")}
+    head = [sys.executable] if nproc == 1 else [*TORCHRUN, f"--nproc_per_node={nproc}"]
+    return subprocess.run([*head, *program, *args, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _same_set(a_dir, b_dir):
+    a, b = (torch.load(d / "distilled.pt", weights_only=True) for d in (a_dir, b_dir))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    assert (a["soft_labels"] is None) == (b["soft_labels"] is None)
+    assert a["soft_labels"] is None or torch.equal(a["soft_labels"], b["soft_labels"])
+
+
+@pytest.fixture(scope="module")
+def one_process_gvbsm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gvbsm") / "one"
+    one = _launch(out, 1)
     assert one.returncode == 0, one.stderr[-2000:]
+    return out
+
+
+def test_two_processes_give_the_one_process_set(one_process_gvbsm, tmp_path):
     two = _launch(tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-2000:]
-    a = torch.load(tmp_path / "one" / "distilled.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "distilled.pt", weights_only=True)
-    assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
-    assert torch.equal(a["soft_labels"], b["soft_labels"])
+    _same_set(one_process_gvbsm, tmp_path / "two")
     # the two ranks trained one teacher each; each rank checkpointed its own batches: rank 0 the 3 of 0, 2, 4; rank 1 the 2 of 1, 3
     counts = [torch.load(tmp_path / "two" / "checkpoint" / f"gvbsm.rank{r}of2.pt", weights_only=True)["iteration"] for r in (0, 1)]
     assert counts == [3, 2]
+
+
+def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_to_the_same_set(one_process_gvbsm, tmp_path):
+    out, cache = tmp_path / "two", tmp_path / "cache"
+    killed = _launch(out, 2, cache=cache, program=(str(Path(__file__).parent / "kill_rank_after_checkpoint.py"), "1"))
+    assert killed.returncode != 0
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", killed.stderr) and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert torch.load(out / "checkpoint" / "gvbsm.rank1of2.pt", weights_only=True)["iteration"] == 1
+    assert not (out / "distilled.pt").exists()
+    rerun = _launch(out, 2, cache=cache)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from" in rerun.stdout
+    _same_set(one_process_gvbsm, out)
+
+
+@pytest.mark.parametrize("method_args", [APM, DATADAM], ids=["apm", "datadam"])
+def test_apm_and_datadam_two_processes_give_the_one_process_set(tmp_path, method_args):
+    """apm: the teachers are dealt to the ranks, the rounds run on rank 0; datadam: the class groups are dealt to the
+    ranks and the image gradient is summed over them."""
+    for name, nproc in (("one", 1), ("two", 2)):
+        res = _launch(tmp_path / name, nproc, args=method_args)
+        assert res.returncode == 0, res.stderr[-2000:]
+    _same_set(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_method_without_work_units_refuses_torchrun(tmp_path):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddfast import augment, data, models
+from ddfast import augment, data, distributed, models
 from ddfast.methods import DistillResult
 from ddfast.ops import apm_loss
 from ddfast.runner import Loop
@@ -370,13 +370,11 @@ def _cycle_rng(config: Config, cycle: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + cycle)
 
 
-def build_teachers(dataset: data.Dataset, config: Config) -> tuple[list[nn.Module], list[float]]:
-    pool, accs = [], []
-    for t in range(config.teachers):
-        model, acc = get_teacher(dataset, config.net_width, config.teacher_epochs, t, config.teacher_images)
-        pool.append(model)
-        accs.append(acc)
-    return pool, accs
+def build_teachers(dataset: data.Dataset, config: Config, world: distributed.World = distributed.SINGLE) -> tuple[list[nn.Module], list[float]]:
+    """The teacher pool; under torchrun each teacher (cached training) is a unit of its own."""
+    built = distributed.build_everywhere(
+        world, config.teachers, lambda t: get_teacher(dataset, config.net_width, config.teacher_epochs, t, config.teacher_images))
+    return [model for model, _ in built], [acc for _, acc in built]
 
 
 def start_cycle(student: Student, u: torch.Tensor, pool: list[nn.Module], config: Config, cycle: int) -> dict[str, Any]:
@@ -395,14 +393,20 @@ def start_cycle(student: Student, u: torch.Tensor, pool: list[nn.Module], config
     return {"cycle": cycle, "teacher": teacher_index, "idx": idx, "checkpoints": [{k: v.detach() for k, v in s.items()} for s in states]}
 
 
-def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
+def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | None:
+    """The distilled set. Under torchrun the teachers are dealt to the ranks; the rounds then run on rank 0 alone
+    (each round needs the images the previous one left, and the other ranks return None)."""
     config = resolve_config(args, dataset.num_classes)
-    print(_describe(config, args.preset))
+    world = getattr(args, "world", distributed.SINGLE)
+    if world.is_main:
+        print(_describe(config, args.preset))
     out = Path(args.out_dir)
     timing = {"teacher_training": 0.0, "student_training": 0.0, "image_update": 0.0, "labelling": 0.0}
     start = time.time()
-    pool, teacher_accs = build_teachers(dataset, config)
+    pool, teacher_accs = build_teachers(dataset, config, world)
     timing["teacher_training"] = time.time() - start
+    if not world.is_main:
+        return None
     print("teachers' test accuracy: " + ", ".join(f"{a:.2f}" for a in teacher_accs))
     u, y = _init_images(dataset, config)
     optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.img_momentum)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ddfast import augment, data, models
+from ddfast import augment, data, distributed, models
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import DistillResult
 from ddfast.reference.attention_match import MODES
@@ -53,6 +53,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--att-mode", choices=MODES, default="spatial", help="attention map over positions (spatial, default) or channels")
     group.add_argument("--layer-weight", type=float, default=100.0, help="weight of every attention layer (100, the official code)")
     group.add_argument("--emb-weight", type=float, default=1.0, help="weight of the final-embedding term (1 = 100 · task_balance 0.01)")
+    group.add_argument("--class-groups", type=int, default=None,
+                       help="datadam: split the classes into this many groups, each matched by its own forward (the work units "
+                       "torchrun deals to its ranks; 1 and N processes give the same set for the same number of groups); "
+                       ">1 needs --match-norm instancenorm (default 1: one forward over all classes, the official loop)")
     group.add_argument("--match-norm", choices=NORMS, default=None,
                        help="normalisation of the matching ConvNets (datadam: batchnorm in train mode, the official code; "
                        "d2m: instancenorm, the paper)")
@@ -71,6 +75,7 @@ class Config:
     match: dict[str, Any]
     segment: int
     seed: int
+    class_groups: int = 1
 
     @property
     def match_config(self) -> MatchConfig:
@@ -102,6 +107,7 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
         net_width=pick(args.net_width, "net_width"), norm=args.match_norm or "batchnorm",
         lr_img=1.0 if args.lr_img is None else args.lr_img, momentum=0.5, init="real" if args.init is None else args.init,
         match=dataclasses.asdict(resolve_match(args, 1.0)), segment=args.segment, seed=args.seed,
+        class_groups=args.class_groups or 1,
     )
     for field in ("iterations", "batch_real", "net_width"):
         if getattr(config, field) < 1:
@@ -115,6 +121,11 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
         raise ValueError(f"the smallest class has {int(counts.min())} training images: fewer than --batch-real "
                          f"({config.batch_real}) or --ipc ({config.ipc})")
     check_segment(config.segment, config.norm)
+    if args.class_groups is not None and not 1 <= args.class_groups <= dataset.num_classes:
+        raise ValueError(f"--class-groups must be in [1, {dataset.num_classes}] (the number of classes), got {args.class_groups}")
+    if config.class_groups > 1 and config.norm == "batchnorm":
+        raise ValueError("--class-groups > 1 needs --match-norm instancenorm: batch norm in train mode normalises over the "
+                         "whole batch of all classes (the official forward), so one forward per group would change the loss")
     return config
 
 
@@ -140,23 +151,47 @@ def real_batch(dataset: data.Dataset, per_class: int, gen: torch.Generator) -> t
     return dataset.normalize(dataset.train_images[idx]), dataset.train_labels[idx]
 
 
-def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, config: Config, it: int) -> tuple[torch.Tensor, float]:
-    """(∂L/∂u, L) of iteration ``it``."""
-    gen = _iteration_rng(config, it)
+def class_groups(num_classes: int, groups: int) -> list[torch.Tensor]:
+    """The classes of each group: ``groups`` contiguous blocks, sizes differing by at most one."""
+    return list(torch.arange(num_classes).tensor_split(groups))
+
+
+def _backward(net: torch.nn.Module, xr: torch.Tensor, yr: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, num_classes: int,
+              config: Config, retain: bool = False) -> float:
+    """Back-propagate the matching loss of these batches into ``xs``'s graph (kept for the next group when ``retain``:
+    the groups share the DSA of all synthetic images); the loss."""
+    cfg = config.match_config
+    if config.segment:
+        loss, grad_xs = segmented_backward(net, xr, yr, xs, ys, num_classes, cfg, config.segment)
+        xs.backward(grad_xs, retain_graph=retain)
+        return loss
+    with torch.no_grad():
+        real = network_outputs(net, xr)
+    loss = match_loss(real, network_outputs(net, xs), yr, ys, num_classes, cfg)
+    loss.backward(retain_graph=retain)
+    return float(loss.detach())
+
+
+def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, config: Config, it: int,
+                   world: distributed.World = distributed.SINGLE) -> tuple[torch.Tensor, float]:
+    """(∂L/∂u, L) of iteration ``it``. With class groups, this rank matches its groups and the image gradient is
+    summed over the ranks: L is a sum over classes and a class's images enter only its own terms, so the rows of
+    different groups never overlap and the sum is exact."""
+    gen = _iteration_rng(config, it)  # every rank draws everything, so each group sees the same draws anywhere
     net = matching_net(dataset, config.net_width, config.norm, gen)
     xr, yr = real_batch(dataset, config.batch_real, gen)
     leaf = u.detach().requires_grad_(True)
     xr, xs = augment.siamese_dsa(xr, leaf, yr, y, dataset.num_classes, gen)
-    cfg = config.match_config
-    if config.segment:
-        loss, grad_xs = segmented_backward(net, xr, yr, xs, y, dataset.num_classes, cfg, config.segment)
-        xs.backward(grad_xs)
+    if config.class_groups == 1 and not world.distributed:
+        loss = _backward(net, xr, yr, xs, y, dataset.num_classes, config)
         return leaf.grad, loss
-    with torch.no_grad():
-        real = network_outputs(net, xr)
-    loss = match_loss(real, network_outputs(net, xs), yr, y, dataset.num_classes, cfg)
-    loss.backward()
-    return leaf.grad, float(loss.detach())
+    groups = class_groups(dataset.num_classes, config.class_groups)
+    losses = {}
+    for g in distributed.my_units(world, len(groups)):
+        in_r, in_s = torch.isin(yr, groups[g]), torch.isin(y, groups[g])
+        losses[g] = _backward(net, xr[in_r], yr[in_r], xs[in_s], y[in_s], dataset.num_classes, config, retain=True)
+    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    return distributed.sum_disjoint(world, grad), sum(distributed.all_units(world, losses, len(groups)))
 
 
 def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +203,20 @@ def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, t
     return dataset.normalize(dataset.train_images[idx]).clone(), labels
 
 
-def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
+def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | None:
+    """The distilled set (None on ranks other than 0 of a torchrun launch: every rank holds the same images, rank 0
+    writes them)."""
     config = resolve_config(args, dataset)
-    print(_describe(config, args.preset))
+    world = getattr(args, "world", distributed.SINGLE)
+    if world.is_main:
+        print(_describe(config, args.preset))
+        if world.size > config.class_groups:
+            print(f"datadam: {config.class_groups} class group(s) for {world.size} ranks: {world.size - config.class_groups} "
+                  f"rank(s) idle; --class-groups {world.size} or more uses them all")
     u, y = _init_images(dataset, config)
     optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.momentum)
-    loop = Loop(Path(args.out_dir) / "checkpoint" / "datadam.pt", dataclasses.asdict(config), config.iterations, f"datadam IPC {config.ipc}")
+    ckpt = Path(args.out_dir) / "checkpoint" / f"{distributed.checkpoint_name(world, NAME)}.pt"
+    loop = Loop(ckpt, {**dataclasses.asdict(config), "world_size": world.size}, config.iterations, f"datadam IPC {config.ipc}")
     saved = loop.resume()
     if saved is not None:
         with torch.no_grad():
@@ -181,13 +224,15 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult:
         optimizer.load_state_dict(saved["optimizer"])
 
     def step(it: int) -> dict[str, float]:
-        grad, loss = image_gradient(u, y, dataset, config, it)
+        grad, loss = image_gradient(u, y, dataset, config, it, world)
         u.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss}
 
     loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict()})
+    if not world.is_main:
+        return None
     stats = {"seconds_per_iteration": loop.seconds_per_iteration, "iterations_this_process": loop.iterations_this_process,
              "method_config": dataclasses.asdict(config)}
     return DistillResult(images=u.detach().clone(), labels=y, stats=stats)

@@ -281,9 +281,7 @@ def build_backbones(dataset: data.Dataset, config: Config, world: distributed.Wo
         print(f"backbone {name} (width {width or 'default'}): test accuracy {acc:.2f}%", flush=True)
         return attach(name, model, config, lambda matcher, model=model: _conv_stats(model, matcher, dataset, config))
 
-    mine = {u: build(u) for u in distributed.my_units(world, len(names))}
-    distributed.barrier(world)
-    return [mine[u] if u in mine else build(u) for u in range(len(names))]
+    return distributed.build_everywhere(world, len(names), build)
 
 
 # ----------------------------------------------------------------------------- recover
@@ -487,7 +485,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | 
         init, init_report = distributed.broadcast(world, initial_images(pool, dataset, config) if world.is_main else None)
         labels = [torch.tensor(classes).repeat_interleave(config.ipc) for classes in batches]
         units = distributed.my_units(world, len(batches))  # all batches on one process
-        ckpt_name = config.method if not world.distributed else f"{config.method}.rank{world.rank}of{world.size}"
+        ckpt_name = distributed.checkpoint_name(world, config.method)
         loop = Loop(out / "checkpoint" / f"{ckpt_name}.pt", {**dataclasses.asdict(config), "world_size": world.size}, len(units), "recover",
                     unit="batch")
         saved = loop.resume()
