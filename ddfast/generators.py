@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ddfast import data
 from ddfast._version import __version__
-from ddfast.io import check_plain
+from ddfast.io import check_plain, load_restricted
 from ddfast.runner import Loop
 from ddfast.utils import atomic_torch_save, cache_dir
 
@@ -181,10 +181,7 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no generator at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the restricted unpickler refuses code and corrupt files alike
-        raise ValueError(f"{path} is not a readable ddfast generator: {err}") from err
+    blob = load_restricted(path, "ddfast generator", "a generator file written by ddfast (OUT/generator.pt of d2m, dim, dcgm)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ddfast generator (missing format tag {FORMAT!r})")
     if blob.get("format_version", 0) > FORMAT_VERSION:

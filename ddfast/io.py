@@ -64,15 +64,29 @@ def save(
     )
 
 
+def load_restricted(path: Path, what: str, expected: str) -> Any:
+    """``torch.load`` with the restricted (``weights_only``) unpickler. A file it refuses -- corrupt, not a torch
+    file, or one whose pickle would run code -- is reported as what it is, without torch's advice to retry with
+    ``weights_only=False``: that would run whatever the file holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every refusal means the same to the user
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(err).__name__
+        if "Weights only load failed" in str(err):  # keep the refused item, drop torch's advice around it
+            after = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
+            detail = lines[after[0] + 1] if after and after[0] + 1 < len(lines) else "an object that is not a tensor or plain data"
+            reason = f"the restricted unpickler refused {detail.split('. ')[0][:150]}"
+        raise ValueError(f"{path} is not a valid {what}: {reason}. Expected {expected}. It was read with torch's restricted "
+                         f"unpickler, so nothing in it was executed; do not load it with weights_only=False.") from None
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a distilled set: ``{"images", "labels", "soft_labels", "meta"}``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no distilled set at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the restricted unpickler refuses code and corrupt files alike
-        raise ValueError(f"{path} is not a readable ddfast distilled set: {err}") from err
+    blob = load_restricted(path, "ddfast distilled set", "a file written by ddfast.io.save (python -m ddfast.distill's OUT/distilled.pt)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ddfast distilled set (missing format tag {FORMAT!r})")
     if blob.get("format_version", 0) > FORMAT_VERSION:

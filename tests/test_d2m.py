@@ -62,7 +62,7 @@ def test_generator_file_refuses_code_and_foreign_files(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"format": generators.FORMAT, "x": Evil()}, f)
-    with pytest.raises(ValueError, match="not a readable ddfast generator"):
+    with pytest.raises(ValueError, match="not a valid ddfast generator.*nothing in it was executed"):
         generators.load(tmp_path / "evil.pt")
     io.save(tmp_path / "set.pt", torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="not a ddfast generator"):

@@ -45,9 +45,15 @@ def test_loading_never_runs_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": io.FORMAT, "format_version": 1, "images": Evil()}, path)
-    with pytest.raises(ValueError, match="not a readable ddfast distilled set"):
+    with pytest.raises(ValueError, match="not a valid ddfast distilled set") as refused:
         io.load(path)
     assert not marker.exists()
+    # plain words, and never torch's advice to retry with weights_only=False
+    assert "nothing in it was executed" in str(refused.value) and "will likely succeed" not in str(refused.value)
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="not a valid ddfast distilled set.*Expected a file written by ddfast.io.save") as refused:
+        io.load(tmp_path / "random.pt")
+    assert "will likely succeed" not in str(refused.value)
 
 
 def test_bad_inputs_are_rejected(tmp_path):
