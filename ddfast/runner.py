@@ -49,9 +49,13 @@ class Loop:
         print(f"resuming from {self.unit} {self.first} of {self.total} ({self.path})")
         return blob["state"]
 
-    def run(self, step: Callable[[int], Mapping[str, float] | None], state: Callable[[], dict[str, Any]]) -> None:
-        """``step(it)`` for it from where the run stands to ``total``; ``state()`` is what a checkpoint stores."""
+    def run(self, step: Callable[[int], Mapping[str, float] | None], state: Callable[[], dict[str, Any]],
+            first_note: str | None = None) -> None:
+        """``step(it)`` for it from where the run stands to ``total``; ``state()`` is what a checkpoint stores.
+        ``first_note`` is shown in the bar during this process's first step (e.g. that it compiles)."""
         bar = progress(total=self.total, initial=self.first, desc=self.desc, unit=self.unit)
+        if first_note and self.first < self.total:
+            bar.set_postfix_str(first_note, refresh=True)
         for it in range(self.first, self.total):
             start = time.time()
             shown = step(it)

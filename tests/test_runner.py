@@ -58,3 +58,11 @@ def test_resume_refuses_other_arguments_and_foreign_files(tmp_path):
         _counting_run(path, total=4, every=1)
     with pytest.raises(ValueError, match="every >= 1"):
         Loop(path, {}, 4, "test", every=0)
+
+
+def test_first_note_shows_in_the_bar_during_the_first_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DDFAST_NO_PROGRESS", "0")
+    seen = []
+    loop = Loop(tmp_path / "c.pt", {}, 2, "test")
+    loop.run(lambda it: seen.append(capsys.readouterr().err), lambda: {}, first_note="compiling (torch.compile)")
+    assert "compiling (torch.compile)" in seen[0]

@@ -464,7 +464,10 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | 
         timing["image_update"] += time.time() - t1
         return {"loss": f"{loss:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.3g}"}
 
-    loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict(), "cycle_state": cycle_state, "timing": timing})
+    compiling = config.compile and not config.official
+    loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict(), "cycle_state": cycle_state, "timing": timing},
+             first_note="compiling the student loss and the matching networks (torch.compile: ~50 s on a fresh machine, "
+             "cached after)" if compiling else None)
     t3 = time.time()
     images = u.detach().clone()
     final_teacher = pool[cycle_state["teacher"]] if cycle_state is not None else pool[0]
