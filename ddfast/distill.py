@@ -7,6 +7,7 @@ evaluation result), and prints an accuracy table.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import resource
@@ -121,10 +122,33 @@ def resolve_evaluation(args: argparse.Namespace) -> None:
         args.eval_epochs = epochs
 
 
+@functools.lru_cache(maxsize=1)
+def _method_options() -> dict[str, tuple[Any, set[str]]]:
+    """dest -> (default, methods that use it) for every option of a method's own group (``--method X`` in --help)."""
+    owners: dict[str, tuple[Any, set[str]]] = {}
+    for module in dict.fromkeys(METHODS.values()):
+        group = argparse.ArgumentParser(add_help=False).add_argument_group()
+        importlib.import_module(module).add_arguments(group)
+        users = {n for n, m in METHODS.items() if m == module}
+        for action in group._group_actions:
+            owners[action.dest] = (action.default, set(users))
+    for name, module in METHODS.items():
+        for dest in getattr(importlib.import_module(module), "OTHER_OPTIONS", ()):
+            owners[dest][1].add(name)
+    return owners
+
+
+def reject_foreign_options(args: argparse.Namespace) -> None:
+    """An option of another method's group given to this method is an error, not silently ignored."""
+    for dest, (default, users) in _method_options().items():
+        if args.method not in users and getattr(args, dest, default) != default:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} is an option of --method {'/'.join(sorted(users))}; --method {args.method} does not use it")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Reject bad arguments before any work starts."""
-    if args.class_groups is not None and args.method != "datadam":
-        raise ValueError(f"--class-groups is a --method datadam option; --method {args.method} does not use it")
+    reject_foreign_options(args)
     resolve_evaluation(args)
     if args.holdout < 0:
         raise ValueError(f"--holdout must be >= 0 (0 = off), got {args.holdout}")

@@ -173,6 +173,17 @@ def test_bad_arguments_fail_before_work(tmp_path, extra, message):
         gvbsm.resolve_config(args, 10)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--class-groups", "2"], "--class-groups is an option of --method datadam; --method gvbsm does not use it"),
+    (["--gen-width", "8"], "--gen-width is an option of --method d2m/dcgm/dim"),
+])
+def test_options_of_other_methods_are_refused(tmp_path, extra, message):
+    args = build_parser().parse_args(["--method", "gvbsm", *BASE, "--out", str(tmp_path / "x"), *extra])
+    with pytest.raises(ValueError, match=message):
+        run(args)
+    assert not (tmp_path / "x").exists()
+
+
 def test_sre2l_rejects_backbones_without_batchnorm():
     args = build_parser().parse_args(["--method", "sre2l", *BASE, "--backbones", "convnet"])
     with pytest.raises(ValueError, match="needs BatchNorm"):

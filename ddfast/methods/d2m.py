@@ -48,6 +48,9 @@ PRESETS = {
 }
 
 
+# options of other methods' groups that this method reads too (ddfast.distill rejects the rest of theirs)
+OTHER_OPTIONS = ("match_norm",)
+
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """d2m options; --preset, --iterations, --net-width and the attention options of datadam are shared."""
     group.add_argument("--gan-epochs", type=int, default=None, help="GAN pretraining epochs (default from --preset: 10 paper; cached)")

@@ -299,6 +299,9 @@ def centred(embeddings: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- configuration
 
 
+# options of other methods' groups that this method reads too (ddfast.distill rejects the rest of theirs)
+OTHER_OPTIONS = ("batch_real", "gan_batch", "gan_iterations", "gen_width", "lr_gen", "z_dim")
+
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """dcgm options. Shared ones keep their names: --preset, --iterations (φ re-initialisations), --gen-width
     (G and pretraining critic), --z-dim (C_z), --lr-gen (G and P), --net-width (φ), --batch-real (association A

@@ -68,6 +68,9 @@ PRESETS = {
 }
 
 
+# options of other methods' groups that this method reads too (ddfast.distill rejects the rest of theirs)
+OTHER_OPTIONS = ("gen_width", "lr_gen", "z_dim")
+
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """dim options; --preset, --iterations (stage-2 iterations), --gen-width, --z-dim and --lr-gen (stage 2) are shared."""
     group.add_argument("--gan-iterations", type=int, default=None, help="stage-1 (GAN) iterations (default from --preset; cached)")
