@@ -10,6 +10,7 @@ import argparse
 import functools
 import importlib
 import json
+import pkgutil
 import resource
 import sys
 import time
@@ -21,8 +22,24 @@ from ddfast.evaluate import DEFAULT_EPOCHS, add_protocol_arguments, evaluate_syn
 from ddfast.selection import INITS
 from ddfast.utils import atomic_write_text, seed_everything
 
-METHODS = {"random": "ddfast.methods.random", "gvbsm": "ddfast.methods.gvbsm", "sre2l": "ddfast.methods.gvbsm", "apm": "ddfast.methods.apm",
-           "datadam": "ddfast.methods.datadam", "d2m": "ddfast.methods.d2m", "dim": "ddfast.methods.dim", "dcgm": "ddfast.methods.dcgm"}
+
+
+def discover_methods() -> dict[str, str]:
+    """--method name -> module, for every module of ``ddfast.methods`` with a ``distill`` function and a ``NAME`` (or
+    ``NAMES``, for a module that serves several methods): a new method is a new file, nothing to register."""
+    import ddfast.methods  # noqa: PLC0415
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(ddfast.methods.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"ddfast.methods.{info.name}")
+        if callable(getattr(module, "distill", None)):
+            for name in getattr(module, "NAMES", (getattr(module, "NAME", None),)):
+                if name:
+                    found[name] = module.__name__
+    return found
+
+
+METHODS = discover_methods()
 
 GENERATIVE = ("d2m", "dim", "dcgm")  # methods whose set comes from a generator: judged (ddfast.judge)
 IMPLS = ("ddfast", "official")
