@@ -73,11 +73,12 @@ SM_LIMITS = {
 @dataclasses.dataclass(frozen=True)
 class Roof:
     gpu: str
+    key: str  # column prefix
     bytes_per_s: float
     flops_per_s: float  # fp32, non-tensor-core (the kernels' tl.dot uses input_precision="ieee")
 
 
-ROOFS = (Roof("H100 SXM", 3.35e12, 67e12), Roof("H200", 4.8e12, 67e12))
+ROOFS = (Roof("H100 SXM", "h100_sxm", 3.35e12, 67e12), Roof("H200", "h200", 4.8e12, 67e12))
 FLAG_OCCUPANCY = 0.25  # below this on an arch (or any spill) the config is flagged
 
 
@@ -692,7 +693,7 @@ def build_report(rows: Sequence[Row], archs: Sequence[int], cpu_csv: Path = CPU_
             rec["waves"] = max(l.programs for l in ls) / (sm.sms * max(blocks_per_sm, 1))
             for roof in ROOFS:
                 times = [roofline_us(c, roof) for c in costs]
-                rec[f"{roof.gpu}_us"] = sum(t for t, _ in times)
+                rec[f"{roof.key}_us"] = sum(t for t, _ in times)
                 if roof == ROOFS[0]:  # the bound is stated for the first GPU (H200's ridge point is lower)
                     rec["bound"] = max(("memory", "compute"), key=lambda b: sum(t for t, kind in times if kind == b))
             rec["flag"] = _flags(resources[key])
@@ -706,8 +707,8 @@ def build_report(rows: Sequence[Row], archs: Sequence[int], cpu_csv: Path = CPU_
             total[f"smem_sm{arch}"] = max(r[f"smem_sm{arch}"] for r in row_recs)
             total[f"occ_sm{arch}"] = min(r[f"occ_sm{arch}"] for r in row_recs)
         for roof in ROOFS:
-            total[f"{roof.gpu}_us"] = sum(r[f"{roof.gpu}_us"] for r in row_recs)
-        main = ROOFS[0].gpu + "_us"
+            total[f"{roof.key}_us"] = sum(r[f"{roof.key}_us"] for r in row_recs)
+        main = ROOFS[0].key + "_us"
         total["bound"] = max(("memory", "compute"), key=lambda b: sum(r[main] for r in row_recs if r["bound"] == b))
         total["flag"] = "; ".join(sorted({r["flag"] for r in row_recs if r["flag"]}))
         records += [*row_recs, total]
@@ -720,7 +721,7 @@ def build_report(rows: Sequence[Row], archs: Sequence[int], cpu_csv: Path = CPU_
 def _columns(archs: Sequence[int]) -> list[str]:
     per_arch = [f"{m}_sm{a}" for a in archs for m in ("regs", "spills", "smem", "occ")]
     return ["scope", "op", "mode", "shape", "kernel", "config", "warps", "launches", "programs", "waves", *per_arch,
-            "bytes", "flops", "bound", *(f"{r.gpu}_us" for r in ROOFS), "cpu_ms", "flag"]
+            "bytes", "flops", "bound", *(f"{r.key}_us" for r in ROOFS), "cpu_ms", "flag"]
 
 
 def write_csv(records: Sequence[dict[str, Any]], archs: Sequence[int], path: Path) -> None:
@@ -728,7 +729,7 @@ def write_csv(records: Sequence[dict[str, Any]], archs: Sequence[int], path: Pat
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, _columns(archs), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in records)
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -749,7 +750,7 @@ def tables(records: Sequence[dict[str, Any]], archs: Sequence[int]) -> tuple[lis
     r_head = ["op", "mode", "shape", "launches", "MB", "MFLOP", "flop/B", "bound", *(f"{x.gpu} µs" for x in ROOFS),
               "CPU ms", f"min occ sm_{max(archs)}", "flag"]
     r_rows = [[r["op"], r["mode"], r["shape"], str(r["launches"]), f"{r['bytes'] / 1e6:.2f}", f"{r['flops'] / 1e6:.1f}",
-               f"{r['flops'] / r['bytes']:.2f}", r["bound"], *(f"{r[f'{x.gpu}_us']:.1f}" for x in ROOFS),
+               f"{r['flops'] / r['bytes']:.2f}", r["bound"], *(f"{r[f'{x.key}_us']:.2f}" for x in ROOFS),
                _fmt(r["cpu_ms"], ".2f"), f"{r[f'occ_sm{max(archs)}']:.0%}", r["flag"]]
               for r in records if r["scope"] == "row"]
     return k_head, k_rows, r_head, r_rows
