@@ -111,16 +111,6 @@ def checkpoint_name(world: World, name: str) -> str:
     return name if not world.distributed else f"{name}.rank{world.rank}of{world.size}"
 
 
-def sum_disjoint(world: World, tensor: torch.Tensor) -> torch.Tensor:
-    """In place: the sum over ranks of tensors whose nonzero entries no two ranks share (each rank filled the rows
-    of its own units), which is exact whatever the reduction order: x + 0 = x."""
-    if world.distributed:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def all_units(world: World, results: dict[int, Any], count: int) -> list[Any]:
     """On every rank the results of all ``count`` units in unit order (every rank passes its own {unit id: result})."""
     if not world.distributed:

@@ -174,9 +174,9 @@ def _backward(net: torch.nn.Module, xr: torch.Tensor, yr: torch.Tensor, xs: torc
 
 def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, config: Config, it: int,
                    world: distributed.World = distributed.SINGLE) -> tuple[torch.Tensor, float]:
-    """(∂L/∂u, L) of iteration ``it``. With class groups, this rank matches its groups and the image gradient is
-    summed over the ranks: L is a sum over classes and a class's images enter only its own terms, so the rows of
-    different groups never overlap and the sum is exact."""
+    """(∂L/∂u, L) of iteration ``it``. With class groups, this rank matches its own groups: L is a sum over classes
+    and a class's images enter only its own terms, so the gradient rows of this rank's groups are exact and the
+    other rows are 0 (another rank's; nothing is communicated per iteration but the groups' losses)."""
     gen = _iteration_rng(config, it)  # every rank draws everything, so each group sees the same draws anywhere
     net = matching_net(dataset, config.net_width, config.norm, gen)
     xr, yr = real_batch(dataset, config.batch_real, gen)
@@ -191,7 +191,7 @@ def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, conf
         in_r, in_s = torch.isin(yr, groups[g]), torch.isin(y, groups[g])
         losses[g] = _backward(net, xr[in_r], yr[in_r], xs[in_s], y[in_s], dataset.num_classes, config, retain=True)
     grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-    return distributed.sum_disjoint(world, grad), sum(distributed.all_units(world, losses, len(groups)))
+    return grad, sum(distributed.all_units(world, losses, len(groups)))
 
 
 def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +204,8 @@ def _init_images(dataset: data.Dataset, config: Config) -> tuple[torch.Tensor, t
 
 
 def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | None:
-    """The distilled set (None on ranks other than 0 of a torchrun launch: every rank holds the same images, rank 0
-    writes them)."""
+    """The distilled set (None on ranks other than 0 of a torchrun launch: each rank updates the images of its class
+    groups, rank 0 gathers them by group and writes the set)."""
     config = resolve_config(args, dataset)
     world = getattr(args, "world", distributed.SINGLE)
     if world.is_main:
@@ -231,11 +231,18 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | 
         return {"loss": loss}
 
     loop.run(step, lambda: {"images": u.detach(), "optimizer": optimizer.state_dict()})
-    if not world.is_main:
-        return None
+    images = u.detach().clone()
+    if world.distributed:  # each rank's images are right on the rows of its groups: gather them by group
+        groups = class_groups(dataset.num_classes, config.class_groups)
+        mine = {g: images[torch.isin(y, groups[g])] for g in distributed.my_units(world, len(groups))}
+        parts = distributed.gather_units(world, mine, len(groups))
+        if not world.is_main:
+            return None
+        for g, rows in enumerate(parts):
+            images[torch.isin(y, groups[g])] = rows
     stats = {"seconds_per_iteration": loop.seconds_per_iteration, "iterations_this_process": loop.iterations_this_process,
              "method_config": dataclasses.asdict(config)}
-    return DistillResult(images=u.detach().clone(), labels=y, stats=stats)
+    return DistillResult(images=images, labels=y, stats=stats)
 
 
 def _describe(config: Config, preset: str) -> str:
