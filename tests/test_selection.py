@@ -73,6 +73,58 @@ def test_scores_equal_a_plain_loop_over_the_pool():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("factor", [1, 2])
+def test_rded_rule_equals_a_plain_loop(factor):
+    """RDED's rule written out: per candidate and view a square RandomResizedCrop (scale 0.08-1, ratio 1) to the
+    tile size in the documented draw order, the pool CE of the view (zero-padded to full size when f > 1), the
+    best view per candidate, the IPC·f² best candidates, tile k of image t = the (k·IPC + t)-th best."""
+    pool = [_Tiny(0).double().eval(), _Tiny(1).double().eval()]
+    images = torch.randn(9, 1, 12, 12, dtype=torch.float64)
+    labels = torch.full((9,), 2)
+    ipc = 2
+    got, got_scores, got_keep = selection.rded_select(pool, images, labels, ipc, crops=3, factor=factor, gen=torch.Generator().manual_seed(6))
+    gen = torch.Generator().manual_seed(6)
+    tile = 12 // factor
+    views = {}
+    for v in range(3):
+        for i in range(9):
+            top, left, h, w = rrc_params(gen, 12, 12, scale=(0.08, 1.0), ratio=(1.0, 1.0))
+            crop = images[i : i + 1, :, top : top + h, left : left + w]
+            views[v, i] = crop if (h, w) == (tile, tile) else F.interpolate(crop, size=(tile, tile), mode="bilinear", align_corners=False, antialias=True)
+    best = []
+    for i in range(9):
+        ces = []
+        for v in range(3):
+            x = views[v, i]
+            if factor > 1:
+                pad = (12 - tile) // 2
+                x = F.pad(x, (pad, 12 - tile - pad, pad, 12 - tile - pad))
+            ces.append(float(-torch.log_softmax(sum(m(x)[0] for m in pool).detach() / 2, 0)[2]))
+        v_best = min(range(3), key=lambda v: ces[v])
+        best.append((ces[v_best], i, v_best))
+    best.sort()
+    kept = best[: ipc * factor**2]
+    assert got_keep.tolist() == [i for _, i, _ in kept]
+    for t in range(ipc):
+        for k in range(factor**2):
+            r, c = divmod(k, factor)
+            _, i, v = kept[k * ipc + t]
+            torch.testing.assert_close(got[t, :, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], views[v, i][0], rtol=0, atol=0)
+        want = sum(kept[k * ipc + t][0] for k in range(factor**2)) / factor**2
+        assert abs(float(got_scores[t]) - want) < 1e-12
+
+
+def test_rded_init_through_the_cli_is_class_balanced_and_deterministic(tmp_path):
+    extra = ("--init", "selected", "--select-rule", "rded", "--mosaic-factor", "2", "--candidates", "16", "--iterations", "0")
+    first, report = _run(tmp_path, "a", *extra)
+    again, _ = _run(tmp_path, "b", *extra)
+    assert torch.equal(first["images"], again["images"]) and first["images"].shape == (40, 1, 16, 16)
+    dataset = data.load("synthetic")
+    idx = torch.tensor(report["init_indices"]).view(10, 16)  # per class: IPC·f² = 16 source images
+    assert torch.equal(dataset.train_labels[idx], torch.arange(10).unsqueeze(1).expand(10, 16))
+    assert torch.equal(first["labels"], torch.arange(10).repeat_interleave(4))
+
+
 def test_diverse_rule_keeps_the_clearest_image_of_each_cluster():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
     points = centres.repeat_interleave(4, 0) + 0.1 * torch.randn(12, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -89,7 +141,7 @@ def test_kmeans_is_deterministic_and_uses_every_cluster():
     assert torch.equal(a, b) and len(a.unique()) == 7
 
 
-@pytest.mark.parametrize("rule", selection.SELECT_RULES)
+@pytest.mark.parametrize("rule", ["confidence", "diverse"])
 def test_selected_init_is_deterministic_class_balanced_and_from_the_candidates(tmp_path, rule):
     extra = ("--init", "selected", "--select-rule", rule, "--candidates", "10", "--iterations", "0")
     first, report = _run(tmp_path, "a", *extra)
@@ -122,6 +174,9 @@ def test_selected_init_with_recover_segments_follow_the_whole_batch(tmp_path):
     "extra, message",
     [
         (["--init", "selected", "--candidates", "3"], "--candidates must be >= --ipc"),
+        (["--init", "selected", "--select-rule", "rded", "--mosaic-factor", "2", "--candidates", "15"],
+         "--candidates must be >= --ipc x --mosaic-factor²: each class keeps 16"),
+        (["--init", "selected", "--mosaic-factor", "2"], "--mosaic-factor must be >= 1, and > 1 only with --select-rule rded"),
         (["--init", "selected", "--select-crops", "0"], "--select-crops must be >= 1"),
         (["--init", "noise", "--iterations", "0"], "--iterations must be >= 1"),
     ],

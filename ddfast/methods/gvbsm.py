@@ -90,9 +90,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--candidates", type=int, default=300,
                        help="--init selected: random real candidates per class (300, RDED's CIFAR-10 scripts)")
     group.add_argument("--select-rule", choices=SELECT_RULES, default="confidence",
-                       help="--init selected: confidence = the IPC candidates with the lowest pool cross-entropy (RDED; default, "
+                       help="--init selected: confidence = the IPC candidates with the lowest pool cross-entropy (default, "
                        "chosen on a held-out split); diverse = k-means (k = IPC) on the pool's penultimate features, the "
-                       "lowest-score candidate of each cluster")
+                       "lowest-score candidate of each cluster; rded = RDED's rule: the images are each candidate's best "
+                       "square crop, the IPC x f² best, tiled f x f (--mosaic-factor f)")
+    group.add_argument("--mosaic-factor", type=int, default=1,
+                       help="--select-rule rded: tile f x f crops per image (RDED: 1 for CIFAR, 2 for ImageNet; default 1)")
     group.add_argument("--select-crops", type=int, default=5, help="--init selected: RandomResizedCrop+flip views per candidate in its score (5)")
 
 
@@ -126,6 +129,7 @@ class Config:
     candidates: int
     select_rule: str
     select_crops: int
+    mosaic_factor: int = 1
 
 
 def _parse_backbones(spec: str) -> dict[str, int]:
@@ -173,11 +177,16 @@ def resolve_config(args: argparse.Namespace, num_classes: int) -> Config:
         candidates=args.candidates,
         select_rule=args.select_rule,
         select_crops=args.select_crops,
+        mosaic_factor=args.mosaic_factor,
     )
     if config.iterations < (1 if config.init == "noise" else 0):
         raise ValueError(f"--iterations must be >= 1 (>= 0 with --init real|selected), got {config.iterations}")
-    if config.init == "selected" and config.candidates < config.ipc:
-        raise ValueError(f"--candidates must be >= --ipc: each class keeps IPC of its candidates, got {config.candidates} < {config.ipc}")
+    if config.mosaic_factor < 1 or (config.mosaic_factor > 1 and config.select_rule != "rded"):
+        raise ValueError(f"--mosaic-factor must be >= 1, and > 1 only with --select-rule rded, got {config.mosaic_factor}")
+    keep = config.ipc * (config.mosaic_factor**2 if config.select_rule == "rded" else 1)
+    if config.init == "selected" and config.candidates < keep:
+        raise ValueError(f"--candidates must be >= {'--ipc x --mosaic-factor²' if keep > config.ipc else '--ipc'}: each class "
+                         f"keeps {keep} of its candidates, got {config.candidates} < {keep}")
     if config.select_crops < 1:
         raise ValueError(f"--select-crops must be >= 1, got {config.select_crops}")
     if len(betas) != 2:
@@ -442,13 +451,13 @@ def initial_images(pool: list[Backbone], dataset: data.Dataset, config: Config) 
     for bb in pool:
         bb.matcher.mode = "off"
     start = time.time()
-    idx, scores = select_real([bb.model for bb in pool], dataset.normalize(dataset.train_images), dataset.train_labels,
-                              dataset.num_classes, config.ipc, config.candidates, config.seed, config.select_rule, config.select_crops)
+    images, scores, idx = select_real([bb.model for bb in pool], dataset.normalize(dataset.train_images), dataset.train_labels,
+                                      dataset.num_classes, config.ipc, config.candidates, config.seed, config.select_rule,
+                                      config.select_crops, factor=config.mosaic_factor)
     seconds = time.time() - start
-    print(f"selected {len(idx)} real images ({config.select_rule}) from {config.candidates} candidates per class in {seconds:.0f} s; "
+    print(f"selected {len(images)} real images ({config.select_rule}) from {config.candidates} candidates per class in {seconds:.0f} s; "
           f"mean pool cross-entropy {float(scores.mean()):.3f}", flush=True)
-    return dataset.normalize(dataset.train_images[idx]), {"init_indices": idx.tolist(), "init_scores": scores.tolist(),
-                                                           "selection_seconds": seconds}
+    return images, {"init_indices": idx.tolist(), "init_scores": scores.tolist(), "selection_seconds": seconds}
 
 
 def _describe(config: Config, preset: str) -> str:
@@ -459,7 +468,8 @@ def _describe(config: Config, preset: str) -> str:
         f"{subset(config.teacher_images)}, "
         f"{config.iterations} iterations x batch {config.batch_size}, conv statistics over {subset(config.stats_images)}, "
         f"segment {config.segment or 'off'}, {'official-style (--impl official)' if config.official else 'fused'} kernels, "
-        f"init {config.init}" + (f" ({config.select_rule}, {config.candidates} candidates per class)" if config.init == "selected" else "")
+        f"init {config.init}" + (f" ({config.select_rule}{f' x{config.mosaic_factor} mosaic' if config.mosaic_factor > 1 else ''}, "
+                                 f"{config.candidates} candidates per class)" if config.init == "selected" else "")
         + ("" if config.init == "noise" else " [deviation from the official recover, which starts from noise]")
     )
 
