@@ -794,7 +794,7 @@ mask on; flops = fp32 operations per tile element read off the kernel body (add,
 max, exp, log count 1, `tl.dot` 2 per multiply-add; compares, selects and index arithmetic 0) times
 the tiles the programs process, masked lanes included. Predicted time = max(bytes / bandwidth, flops
 / peak) per launch, summed over the row's launches, on H100 SXM (3.35 TB/s, 67 TFLOP/s fp32
-non-tensor) and H200 (4.8 TB/s, same flops). "CPU ms" is the ddfast provider's median in
+non-tensor) and H200 (4.8 TB/s, same flops); "bound" says which term dominates on H100 SXM. "CPU ms" is the ddfast provider's median in
 `perf/results/latest.csv` (the C++/OpenMP backend on this machine) when that file has the row.
 
 **Limits of the model.**
