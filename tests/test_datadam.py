@@ -116,25 +116,20 @@ def test_segmented_backward_runs_k2_not_the_reference(monkeypatch):
         raise AssertionError("the segmented path computed reference attention maps")
 
     monkeypatch.setattr(ref, "attention", refuse)
-    calls = {"sums": 0, "vjp": 0}
-    sums_impl, vjp_impl = k2._class_sums_impl, k2._vjp_impl
+    calls = {"attention_class_sums": 0, "attention_vjp": 0}
+    impl = k2._two_pass_impl
 
-    def sums_spy(*args):
-        calls["sums"] += 1
-        return sums_impl(*args)
+    def spy(name, *args):
+        calls[name] += 1
+        return impl(name, *args)
 
-    def vjp_spy(*args):
-        calls["vjp"] += 1
-        return vjp_impl(*args)
-
-    monkeypatch.setattr(k2, "_class_sums_impl", sums_spy)
-    monkeypatch.setattr(k2, "_vjp_impl", vjp_spy)
+    monkeypatch.setattr(k2, "_two_pass_impl", spy)
     net = _net()
     xr, yr, xs, ys = _batches(seed=2)
     assert backend.select_backend(xs.device) == "cpu"
     segmented_backward(net, xr, yr, xs, ys, 10, MatchConfig(), 4)
     per = lambda n: -(-n // 4)  # noqa: E731
-    assert calls == {"sums": per(len(yr)) + per(len(ys)), "vjp": per(len(ys))}
+    assert calls == {"attention_class_sums": per(len(yr)) + per(len(ys)), "attention_vjp": per(len(ys))}
 
 
 def test_match_loss_is_the_official_datadam_loss():

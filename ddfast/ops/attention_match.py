@@ -120,20 +120,22 @@ def attention_match(
 # ----------------------------------------------------------------------------- two-pass form (--segment)
 
 
-def _class_sums_impl(feats, labels, num_classes, p, mode):
-    name = _backend_for(feats[0])
-    if name == "cpu":
-        return list(backend.cpu_extension().attention_class_sums(feats, labels.to("cpu"), num_classes, p, mode == "spatial"))
-    if name == "triton":
+def _two_pass_impl(name: str, feats, labels, extra, p, mode):
+    """``name`` (attention_class_sums | attention_vjp) on the features' backend; ``extra``: num_classes or the class
+    gradients (the same argument order in all three backends)."""
+    chosen = _backend_for(feats[0])
+    if chosen == "cpu":
+        return list(getattr(backend.cpu_extension(), name)(feats, labels.to("cpu"), extra, p, mode == "spatial"))
+    if chosen == "triton":
         from ddfast.kernels import attention_match as triton_attention_match
 
-        return triton_attention_match.attention_class_sums(feats, labels, num_classes, p, mode == "spatial")
-    return ref.attention_class_sums(feats, labels, num_classes, p, mode)
+        return getattr(triton_attention_match, name)(feats, labels, extra, p, mode == "spatial")
+    return getattr(ref, name)(feats, labels, extra, p, mode)
 
 
 @torch.library.custom_op("ddfast::attention_class_sums", mutates_args=())
 def _attention_class_sums(feats: list[Tensor], labels: Tensor, num_classes: int, p: float, mode: str) -> list[Tensor]:
-    return _class_sums_impl(feats, labels, num_classes, p, mode)
+    return _two_pass_impl("attention_class_sums", feats, labels, num_classes, p, mode)
 
 
 @_attention_class_sums.register_fake
@@ -142,20 +144,9 @@ def _(feats, labels, num_classes, p, mode):
             for f in feats]
 
 
-def _vjp_impl(feats, labels, class_grads, p, mode):
-    name = _backend_for(feats[0])
-    if name == "cpu":
-        return list(backend.cpu_extension().attention_vjp(feats, labels.to("cpu"), class_grads, p, mode == "spatial"))
-    if name == "triton":
-        from ddfast.kernels import attention_match as triton_attention_match
-
-        return triton_attention_match.attention_vjp(feats, labels, class_grads, p, mode == "spatial")
-    return ref.attention_vjp(feats, labels, class_grads, p, mode)
-
-
 @torch.library.custom_op("ddfast::attention_vjp", mutates_args=())
 def _attention_vjp(feats: list[Tensor], labels: Tensor, class_grads: list[Tensor], p: float, mode: str) -> list[Tensor]:
-    return _vjp_impl(feats, labels, class_grads, p, mode)
+    return _two_pass_impl("attention_vjp", feats, labels, class_grads, p, mode)
 
 
 @_attention_vjp.register_fake
