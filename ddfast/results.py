@@ -24,7 +24,8 @@ def load(root: Path = ROOT) -> list[dict[str, Any]]:
     cells = []
     for path in sorted((root / "results").glob("*/*.json")):
         cell = json.loads(path.read_text())
-        for key in ("table", "split", "row", "ipc", "column", "commands", "result"):
+        required = ("table", "speed_rows") if "speed_rows" in cell else ("table", "split", "row", "ipc", "column", "commands", "result")
+        for key in required:  # a timing table (render_speed) or an evaluation cell
             if key not in cell:
                 raise ValueError(f"{path} has no {key!r}")
         cell["file"] = str(path.relative_to(root))
@@ -38,12 +39,30 @@ def _cell(result: dict[str, Any]) -> str:
     return text + ("" if runs == 3 else f" ({runs} run{'s' if runs > 1 else ''})")
 
 
+SPEED_CONFIGS = {"1x1": "1 process × 1 thread", "1x2": "1 process × 2 threads", "2x1": "torchrun 2 × 1 thread"}
+
+
+def render_speed(cell: dict[str, Any]) -> str:
+    """A timing table: per stage the wall seconds of each launch configuration, and the speed-up and parallel
+    efficiency of 2 processes over 1 process × 1 thread."""
+    head = ["stage", "work units", *SPEED_CONFIGS.values(), "speed-up 2 × 1 vs 1 × 1", "efficiency"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in cell["speed_rows"]:
+        wall = row["wall_s"]
+        speedup = wall["1x1"] / wall["2x1"]
+        lines.append("| " + " | ".join([row["stage"], row["units"], *(f"{wall[c]:.1f} s" for c in SPEED_CONFIGS),
+                                         f"×{speedup:.2f}", f"{speedup / 2:.0%}"]) + " |")
+    return "\n".join(lines)
+
+
 def render(table: str, cells: list[dict[str, Any]]) -> str:
     """A markdown table: one line per (row, IPC) in file order, the columns the cells fill; for a table with a
     ``random`` column the difference to the random subset of the same IPC and split."""
     mine = [c for c in cells if c["table"] == table]
     if not mine:
         raise ValueError(f"no result files for table {table!r}")
+    if "speed_rows" in mine[0]:
+        return render_speed(mine[0])
     columns = [c for c in COLUMNS if any(cell["column"] == c for cell in mine)]
     random = {(c["split"], c["ipc"]): c["result"] for c in mine if c["column"] == "random"}
     rows: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)

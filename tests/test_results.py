@@ -33,3 +33,10 @@ def test_a_result_file_without_its_tags_is_refused(tmp_path):
     (tmp_path / "results" / "g" / "x.json").write_text(json.dumps({"table": "t"}))
     with pytest.raises(ValueError, match="has no 'split'"):
         results.load(tmp_path)
+
+
+def test_speed_table_gives_speedup_and_efficiency_over_one_thread():
+    cell = {"table": "t", "speed_rows": [{"stage": "recover", "units": "5 batches",
+                                          "wall_s": {"1x1": 100.0, "1x2": 60.0, "2x1": 50.0}}]}
+    text = results.render("t", [cell])
+    assert "| recover | 5 batches | 100.0 s | 60.0 s | 50.0 s | ×2.00 | 100% |" in text
