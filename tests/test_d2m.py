@@ -15,7 +15,7 @@ import torch
 from ddfast import data, generators, io
 from ddfast.distill import build_parser, run
 from ddfast.generate import main as generate_main
-from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
+from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
 
 GAN = ["--gan-epochs", "2", "--gen-width", "8", "--z-dim", "16"]
 BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--net-width", "8", "--d2m-batch", "32",
@@ -123,12 +123,13 @@ def test_segment_run_gives_the_whole_batch_generator(tmp_path):
     assert rel_error(seg["images"], whole["images"]) < 1e-5
 
 
-def test_sigkill_resumes_to_the_same_generator(tmp_path):
+def test_sigkill_resumes_to_the_same_generator(tmp_path, monkeypatch):
     extra = ["--iterations", "60"]
-    whole, whole_report = _run(tmp_path, "uninterrupted", *extra)
+    whole, whole_report = run_distill(["--method", "d2m", *BASE, *extra], tmp_path / "uninterrupted")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "d2m", *BASE, *extra, "--out", str(out)]
+    cmd = [*STEPPING_DISTILL, "--method", "d2m", *BASE, *extra, "--out", str(out)]
     assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "d2m.pt") in (25, 50) and not (out / "distilled.pt").exists()
+    monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
     # the checkpoint's time covers the iterations before the kill: per iteration over all 60

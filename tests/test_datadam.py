@@ -3,7 +3,6 @@ DataDAM's official loop and a float64 formula, the exact two-pass --segment grad
 class, resume after SIGKILL and argument checks — on the small synthetic dataset."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from ddfast.distill import build_parser, run
 from ddfast.matching import MatchConfig, match_loss, network_outputs, segmented_backward
 from ddfast.methods import datadam
 from ddfast.reference.attention_match_official import datadam_loss
-from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
+from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
 
 F64 = torch.float64
 BASE = ["--dataset", "synthetic", "--ipc", "2", "--iterations", "4", "--net-width", "8", "--batch-real", "4", "--no-eval"]
@@ -181,13 +180,14 @@ def test_segment_run_gives_the_whole_batch_images(tmp_path):
     assert report["seconds_per_iteration"] > 0
 
 
-def test_sigkill_resumes_to_the_same_images_and_speed(tmp_path):
+def test_sigkill_resumes_to_the_same_images_and_speed(tmp_path, monkeypatch):
     extra = ["--iterations", "30"]
-    whole, whole_report = _run(tmp_path, "uninterrupted", *extra)
+    whole, whole_report = run_distill(["--method", "datadam", *BASE, *extra], tmp_path / "uninterrupted")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "datadam", *BASE, *extra, "--out", str(out)]
+    cmd = [*STEPPING_DISTILL, "--method", "datadam", *BASE, *extra, "--out", str(out)]
     stopped_at = sigkill_after_checkpoint(cmd, out / "checkpoint" / "datadam.pt", at_least=3)
     assert 3 <= stopped_at < 30 and not (out / "distilled.pt").exists()
+    monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     resumed, report = _run(tmp_path, "killed", *extra)
     assert torch.equal(resumed["images"], whole["images"])
     assert_resumed_speed(report, whole_report)

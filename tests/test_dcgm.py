@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from ddfast import data, distill, generators, models
 from ddfast.methods import dcgm
-from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
+from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
 
 F64 = torch.float64
 TINY = ["--gen-width", "8", "--z-dim", "16", "--gan-iterations", "4", "--gan-batch", "20", "--teacher-epochs", "1",
@@ -254,12 +253,13 @@ def test_dcgm_runs_end_to_end_and_writes_generator_and_codebook(npz28, tmp_path)
     assert set(report["time_split_seconds"]) == {"pretraining", "condensation", "sampling"} and report["method"] == "dcgm"
 
 
-def test_sigkill_resumes_to_the_same_images(npz28, tmp_path):
+def test_sigkill_resumes_to_the_same_images(npz28, tmp_path, monkeypatch):
     extra = ["--iterations", "10", "--outer-loop", "4"]  # 40 steps, checkpoints at 10, 20, 30 (mid-round: φ restored) and 40
-    whole_report = distill.run(_args(npz28, tmp_path / "whole", *extra))  # also fills the pretraining cache the subprocess reuses
+    _, whole_report = run_distill(_cli(npz28, tmp_path / "whole", *extra), tmp_path / "whole")  # also fills the pretraining cache
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddfast.distill", *_cli(npz28, out, *extra)]
+    cmd = [*STEPPING_DISTILL, *_cli(npz28, out, *extra)]
     assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "dcgm.pt") in (10, 20, 30) and not (out / "distilled.pt").exists()
+    monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     report = distill.run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["condensation"] / 40)  # over all steps
     assert_resumed_speed(report, whole_report)

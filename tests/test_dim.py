@@ -22,7 +22,7 @@ from ddfast import data, generators
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import dim
-from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
+from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")  # tests/conftest.py
 
@@ -189,13 +189,14 @@ def test_dim_runs_end_to_end_and_writes_generators(npz28, tmp_path):
     assert torch.allclose(again, distilled["images"])
 
 
-def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path):
+def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path, monkeypatch):
     extra = ["--iterations", "40"]
-    whole = run(_args(npz28, tmp_path / "whole", *extra))
+    _, whole = run_distill(["--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY, *extra], tmp_path / "whole")
     assert whole["method"] == "dim"
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY, *extra, "--out", str(out)]
+    cmd = [*STEPPING_DISTILL, "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY, *extra, "--out", str(out)]
     assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "dim.pt") in (10, 20, 30) and not (out / "distilled.pt").exists()
+    monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     report = run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["stage2_matching"] / 40)  # over all 40
     assert_resumed_speed(report, whole)

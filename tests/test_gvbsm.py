@@ -1,8 +1,6 @@
 """G-VBSM / SRe2L pipeline: exact --segment mode, the official-style reference backend, resume
 after an interruption, and argument checks — on the small synthetic dataset."""
 import dataclasses
-import json
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from ddfast import data
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import gvbsm
-from ddfast.testing import assert_resumed_speed, rel_error, sigkill_after_checkpoint
+from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
 
 BASE = ["--dataset", "synthetic", "--ipc", "4", "--iterations", "3", "--batch-size", "8",
         "--backbones", "resnet18:8,convnet:8", "--teacher-epochs", "1", "--no-eval"]
@@ -133,16 +131,16 @@ def test_interrupted_run_resumes_to_the_same_images(tmp_path, monkeypatch):
     assert torch.equal(resumed["images"], reference["images"])
 
 
-def test_sigkill_during_recover_resumes_to_the_same_images(tmp_path):
+def test_sigkill_during_recover_resumes_to_the_same_images(tmp_path, monkeypatch):
     # A real kill: the run is a separate process, SIGKILLed once its first batch is checkpointed.
     extra = ["--ipc", "2", "--batch-size", "4", "--iterations", "40"]
-    whole = _run(tmp_path, "uninterrupted", *extra)
-    whole_report = json.loads((tmp_path / "uninterrupted" / "report.json").read_text())
+    whole, whole_report = run_distill(["--method", "gvbsm", *BASE, *extra], tmp_path / "uninterrupted")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddfast.distill", "--method", "gvbsm", *BASE, *extra, "--out", str(out)]
+    cmd = [*STEPPING_DISTILL, "--method", "gvbsm", *BASE, *extra, "--out", str(out)]
     done = sigkill_after_checkpoint(cmd, out / "checkpoint" / "gvbsm.pt")
     assert 1 <= done < 5 and not (out / "distilled.pt").exists()
     args = build_parser().parse_args(["--method", "gvbsm", *BASE, "--out", str(out), *extra])
+    monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     report = run(args)
     assert torch.equal(torch.load(out / "distilled.pt", weights_only=True)["images"], whole["images"])
     # the batches recovered before the kill keep their time: per iteration over all 5 batches × 40
