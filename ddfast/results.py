@@ -9,6 +9,7 @@ from what the files give, so a number on the page always has its artefact and it
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -24,8 +25,14 @@ def load(root: Path = ROOT) -> list[dict[str, Any]]:
     cells = []
     for path in sorted((root / "results").glob("*/*.json")):
         cell = json.loads(path.read_text())
-        required = ("table", "speed_rows") if "speed_rows" in cell else ("table", "split", "row", "ipc", "column", "commands", "result")
-        for key in required:  # a timing table (render_speed) or an evaluation cell
+        if "speed_rows" in cell:
+            required: tuple[str, ...] = ("table", "speed_rows")
+        elif "perf_csv" in cell:
+            required = ("table", "perf_csv", "command")
+            cell["perf_rows"] = list(csv.DictReader((root / cell["perf_csv"]).open()))
+        else:
+            required = ("table", "split", "row", "ipc", "column", "commands", "result")
+        for key in required:  # a timing table (render_speed), perf rows (render_perf) or an evaluation cell
             if key not in cell:
                 raise ValueError(f"{path} has no {key!r}")
         cell["file"] = str(path.relative_to(root))
@@ -55,6 +62,23 @@ def render_speed(cell: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_perf(cell: dict[str, Any]) -> str:
+    """Kernel timings from committed ``pytest perf/`` rows: per (kernel, mode, shape) the median ms of ddfast, the
+    official-style code and torch.compile of it, and ddfast's speed-up over each."""
+    times: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    for row in cell["perf_rows"]:
+        if row["metric"] == "time":
+            times[(row["kernel"], row["mode"], row["shape"])][row["provider"]] = float(row["p50"])
+    head = ["kernel", "mode", "shape", "ddfast ms", "official ms", "torch.compile ms", "× official", "× compile"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (kernel, mode, shape), t in times.items():
+        d, o, c = t.get("ddfast"), t.get("official"), t.get("torch_compile")
+        ms = lambda v: f"{v:.2f}" if v is not None else "—"  # noqa: E731
+        ratio = lambda v: f"{v / d:.1f}" if v is not None and d else "—"  # noqa: E731
+        lines.append("| " + " | ".join([kernel, mode, shape, ms(d), ms(o), ms(c), ratio(o), ratio(c)]) + " |")
+    return "\n".join(lines) + f"\n\n`{cell['command']}`"
+
+
 def render(table: str, cells: list[dict[str, Any]]) -> str:
     """A markdown table: one line per (row, IPC) in file order, the columns the cells fill; for a table with a
     ``random`` column the difference to the random subset of the same IPC and split."""
@@ -63,6 +87,8 @@ def render(table: str, cells: list[dict[str, Any]]) -> str:
         raise ValueError(f"no result files for table {table!r}")
     if "speed_rows" in mine[0]:
         return render_speed(mine[0])
+    if "perf_csv" in mine[0]:
+        return render_perf(mine[0])
     columns = [c for c in COLUMNS if any(cell["column"] == c for cell in mine)]
     random = {(c["split"], c["ipc"]): c["result"] for c in mine if c["column"] == "random"}
     rows: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)

@@ -40,3 +40,11 @@ def test_speed_table_gives_speedup_and_efficiency_over_one_thread():
                                           "wall_s": {"1x1": 100.0, "1x2": 60.0, "2x1": 50.0}}]}
     text = results.render("t", [cell])
     assert "| recover | 5 batches | 100.0 s | 60.0 s | 50.0 s | ×2.00 | 100% |" in text
+
+
+def test_perf_table_gives_each_kernel_row_its_ratios():
+    rows = [{"kernel": "k1", "mode": "fwd", "shape": "[2,3]", "metric": "time", "provider": p, "p50": v}
+            for p, v in (("ddfast", "2.0"), ("official", "10.0"), ("torch_compile", "4.0"))]
+    rows.append({"kernel": "k1", "mode": "fwd", "shape": "[2,3]", "metric": "peak_mem", "provider": "ddfast", "p50": "99"})
+    text = results.render("k", [{"table": "k", "perf_rows": rows, "perf_csv": "x.csv", "command": "pytest perf/"}])
+    assert "| k1 | fwd | [2,3] | 2.00 | 10.00 | 4.00 | 5.0 | 2.0 |" in text and "pytest perf/" in text
