@@ -56,6 +56,14 @@ def test_two_processes_give_the_one_process_set(one_process_gvbsm, tmp_path):
     # the two ranks trained one teacher each; each rank checkpointed its own batches: rank 0 the 3 of 0, 2, 4; rank 1 the 2 of 1, 3
     counts = [torch.load(tmp_path / "two" / "checkpoint" / f"gvbsm.rank{r}of2.pt", weights_only=True)["iteration"] for r in (0, 1)]
     assert counts == [3, 2]
+    # each rank collected the conv statistics of its own backbones: the same float64 statistics as one process
+    one_stats = sorted((one_process_gvbsm.parent / "cache-one" / "stats").rglob("*.pt"))
+    two_stats = sorted((tmp_path / "cache-two" / "stats").rglob("*.pt"))
+    assert len(one_stats) == 2 and [p.name for p in one_stats] == [p.name for p in two_stats]
+    for a, b in zip(one_stats, two_stats):
+        sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+        flat = lambda blob: [t for t in torch.utils._pytree.tree_leaves(blob) if isinstance(t, torch.Tensor)]  # noqa: E731
+        assert all(torch.equal(x, y) for x, y in zip(flat(sa), flat(sb))) and len(flat(sa)) == len(flat(sb)) > 0
 
 
 def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_to_the_same_set(one_process_gvbsm, tmp_path):

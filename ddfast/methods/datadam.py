@@ -212,7 +212,7 @@ def distill(args: argparse.Namespace, dataset: data.Dataset) -> DistillResult | 
         print(_describe(config, args.preset))
         if world.size > config.class_groups:
             print(f"datadam: {config.class_groups} class group(s) for {world.size} ranks: {world.size - config.class_groups} "
-                  f"rank(s) idle; --class-groups {world.size} or more uses them all")
+                  f"rank(s) idle; --class-groups {world.size} or more (with --match-norm instancenorm) uses them all")
     u, y = _init_images(dataset, config)
     optimizer = torch.optim.SGD([u.requires_grad_(True)], lr=config.lr_img, momentum=config.momentum)
     ckpt = Path(args.out_dir) / "checkpoint" / f"{distributed.checkpoint_name(world, NAME)}.pt"
