@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ddfast import data
 from ddfast._version import __version__
-from ddfast.io import check_plain, load_restricted
+from ddfast.io import check_plain, load_tagged
 from ddfast.runner import Loop
 from ddfast.utils import atomic_torch_save, cache_dir
 
@@ -178,14 +178,8 @@ def save(path: str | os.PathLike, generator: nn.Module, arch: str, kwargs: dict[
 
 def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """(generator in eval mode, metadata) from a generator file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no generator at {path}")
-    blob = load_restricted(path, "ddfast generator", "a generator file written by ddfast (OUT/generator.pt of d2m, dim, dcgm)")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ddfast generator (missing format tag {FORMAT!r})")
-    if blob.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} uses format version {blob['format_version']}; this ddfast reads up to {FORMAT_VERSION}")
+    blob = load_tagged(path, "ddfast generator", "a generator file written by ddfast (OUT/generator.pt of d2m, dim, dcgm)",
+                       FORMAT, FORMAT_VERSION)
     generator = create(blob["arch"], **blob["kwargs"])
     generator.load_state_dict(blob["state_dict"])
     return generator.eval(), blob["meta"]

@@ -81,16 +81,24 @@ def load_restricted(path: Path, what: str, expected: str) -> Any:
                          f"unpickler, so nothing in it was executed; do not load it with weights_only=False.") from None
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a distilled set: ``{"images", "labels", "soft_labels", "meta"}``."""
+def load_tagged(path: str | os.PathLike, what: str, expected: str, tag: str, version: int) -> dict[str, Any]:
+    """A ddfast file's dict: present, readable by the restricted unpickler, carrying the format ``tag`` and a
+    format version this ddfast reads; otherwise an error saying which."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no distilled set at {path}")
-    blob = load_restricted(path, "ddfast distilled set", "a file written by ddfast.io.save (python -m ddfast.distill's OUT/distilled.pt)")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ddfast distilled set (missing format tag {FORMAT!r})")
-    if blob.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} uses format version {blob['format_version']}; this ddfast reads up to {FORMAT_VERSION}")
+        raise FileNotFoundError(f"no {what} at {path}")
+    blob = load_restricted(path, what, expected)
+    if not isinstance(blob, dict) or blob.get("format") != tag:
+        raise ValueError(f"{path} is not a {what} (missing format tag {tag!r})")
+    if blob.get("format_version", 0) > version:
+        raise ValueError(f"{path} uses format version {blob['format_version']}; this ddfast reads up to {version}")
+    return blob
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a distilled set: ``{"images", "labels", "soft_labels", "meta"}``."""
+    blob = load_tagged(path, "ddfast distilled set", "a file written by ddfast.io.save (python -m ddfast.distill's OUT/distilled.pt)",
+                       FORMAT, FORMAT_VERSION)
     return {key: blob[key] for key in ("images", "labels", "soft_labels", "meta")}
 
 
