@@ -33,7 +33,7 @@ data:
 
 demo: setup data
 	$(PY) -m ddfast.env_report
-	$(PY) -m ddfast.distill --method gvbsm --dataset fashion-mnist --ipc 10 --segment 50 --recipe fkd --eval-epochs 300 --eval-runs 1 --out runs/demo
+	$(PY) -m ddfast.distill --method gvbsm --dataset fashion-mnist --ipc 10 --segment 50 --recipe fkd --eval-epochs 100 --eval-runs 1 --out runs/demo
 
 test: setup data
 	$(PY) -m pytest tests -q
