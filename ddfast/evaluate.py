@@ -91,9 +91,11 @@ def evaluate_synset(
         if random_subsets:
             ipc = images.shape[0] // dataset.num_classes
 
-            def source(run_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            def subset_of_run(run_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
                 idx = class_balanced_subset(dataset.train_labels, dataset.num_classes, ipc, run_seed)
                 return dataset.normalize(dataset.train_images[idx]), dataset.train_labels[idx].clone()
+
+            source = subset_of_run
 
         config = fkd.FKDConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma)
         return fkd.evaluate_fkd(source, labels, dataset, pool, key, config, model=model, width=width, runs=runs,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import ctypes
 import json
-import os
 import platform
 import subprocess
 import time
