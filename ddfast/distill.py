@@ -195,6 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     with backend.use_backend(args.backend):
         result = _method(args.method).distill(args, dataset)
+    # no rank tears its process group down while another is still inside a collective (gloo aborts the process
+    # whose peer closed the connection mid-operation); after this only rank 0 works, alone
+    distributed.barrier(args.world)
     if result is None:  # a rank other than 0: its share is with rank 0
         return {}
     seconds = time.time() - start
