@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             mine = {u: evaluate_runs(args.first_run + u, 1) for u in distributed.my_units(world, args.runs)}
             parts = distributed.gather_units(world, mine, args.runs)
+            distributed.barrier(world)  # as in ddfast.distill: no rank leaves while another is in a collective
             if parts is None:
                 return 0
             result = {**combine_runs(parts), "seconds": time.time() - start}
