@@ -310,7 +310,8 @@ def run_distill(argv: Sequence[str], out: str | os.PathLike) -> tuple[dict[str, 
     proc = subprocess.run([*STEPPING_DISTILL, *argv, "--out", str(out)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"ddfast.distill {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads(open(os.path.join(out, "report.json")).read())
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
     return torch.load(os.path.join(out, "distilled.pt"), weights_only=True), report
 
 

@@ -187,9 +187,10 @@ def image_gradient(u: torch.Tensor, y: torch.Tensor, dataset: data.Dataset, conf
         return leaf.grad, loss
     groups = class_groups(dataset.num_classes, config.class_groups)
     losses = {}
-    for g in distributed.my_units(world, len(groups)):
+    mine = distributed.my_units(world, len(groups))
+    for g in mine:
         in_r, in_s = torch.isin(yr, groups[g]), torch.isin(y, groups[g])
-        losses[g] = _backward(net, xr[in_r], yr[in_r], xs[in_s], y[in_s], dataset.num_classes, config, retain=True)
+        losses[g] = _backward(net, xr[in_r], yr[in_r], xs[in_s], y[in_s], dataset.num_classes, config, retain=g != mine[-1])
     grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
     return grad, sum(distributed.all_units(world, losses, len(groups)))
 
