@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -242,6 +243,25 @@ def pretrained_path(dataset: data.Dataset, config: GANConfig) -> Path:
 def gan_state(g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, **extra: Any) -> dict[str, Any]:
     """A GAN training checkpoint: both networks, both optimisers and ``extra`` plain fields."""
     return {"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), **extra}
+
+
+def final_state_path(path: Path) -> Path:
+    """Where the final training state (both networks, both optimisers) of the generator cached at ``path`` is kept."""
+    return path.with_suffix(".final.pt")
+
+
+def shorter_schedule(path: Path, iterations: int) -> Path | None:
+    """The kept final state of the longest cached schedule shorter than ``iterations`` whose cache name differs from
+    ``path``'s only in its ``-it<N>-`` field, or None: a longer schedule runs on from it instead of from scratch
+    (GAN iterations draw their randomness from (seed, iteration) at a constant learning rate)."""
+    marker = f"-it{iterations}-"
+    if path.name.count(marker) != 1:
+        raise ValueError(f"{path.name} has no single {marker} field")
+    head, tail = path.name.split(marker)
+    pattern = re.compile(re.escape(head) + r"-it(\d+)-" + re.escape(tail[:-len(path.suffix)]) + re.escape(".final.pt"))
+    found = [(int(m.group(1)), p) for p in path.parent.glob(f"{head}-it*.final.pt") if (m := pattern.fullmatch(p.name))]
+    found = [(n, p) for n, p in found if n < iterations]
+    return max(found)[1] if found else None
 
 
 def restore_gan_state(blob: dict[str, Any], g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:

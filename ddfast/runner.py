@@ -49,6 +49,24 @@ class Loop:
         print(f"resuming from {self.unit} {self.first} of {self.total} ({self.path})")
         return blob["state"]
 
+    def continue_from(self, finished: Path | None) -> dict[str, Any] | None:
+        """The final state of a shorter run of this loop (written by :meth:`keep`), to run on from, or None.
+
+        Only for loops whose iteration ``it`` does not depend on ``total`` (e.g. a constant learning rate): the
+        longer run then ends exactly where one uninterrupted run of ``total`` iterations would."""
+        if finished is None:
+            return None
+        blob = torch.load(finished, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or not 0 < blob["iteration"] < self.total:
+            raise ValueError(f"{finished} is not the final state of a shorter run of {self.desc}")
+        self.first, self.seconds = blob["iteration"], blob["seconds"]
+        print(f"continuing from {self.unit} {self.first} of {self.total}: the shorter schedule kept in {finished}")
+        return blob["state"]
+
+    def keep(self, path: str | Path) -> None:
+        """After the last iteration: keep the final checkpoint at ``path`` for :meth:`continue_from`."""
+        self.path.replace(path)
+
     def run(self, step: Callable[[int], Mapping[str, float] | None], state: Callable[[], dict[str, Any]],
             first_note: str | None = None) -> None:
         """``step(it)`` for it from where the run stands to ``total``; ``state()`` is what a checkpoint stores.

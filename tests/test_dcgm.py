@@ -306,3 +306,21 @@ def test_presets_resolve_to_the_spec_sizes(npz28):
     default = dcgm.resolve_config(parse("--ipc", "1", "--batch-real", "4"), ds)
     assert (default.width, default.steps, default.lr_code, default.lr_gen, default.momentum) == (64, 300, 0.01, 1e-3, 0.5)
     assert math.isclose(default.intra_tau, 0.1) and default.inter_margin == 1.0 and default.lf == "per-sample"
+
+
+def test_longer_pretraining_runs_on_from_the_cached_shorter_one(npz28, tmp_path, monkeypatch, capsys):
+    """4 cached pretraining iterations asked for 7 run on from the kept state to the generator (embedding included)
+    and judge curve of 7 iterations from scratch."""
+    ds = data.load("npz", npz28)
+    short, long = (dcgm.resolve_config(_args(npz28, tmp_path / "x", "--gan-iterations", n), ds) for n in ("4", "7"))
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "scratch"))
+    scratch = dcgm.pretrain(ds, long)
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "extended"))
+    dcgm.pretrain(ds, short)
+    capsys.readouterr()
+    extended = dcgm.pretrain(ds, long)
+    assert "continuing from it 4 of 7" in capsys.readouterr().out
+    a, b = generators.load(scratch), generators.load(extended)
+    for x, y in zip(a[0].state_dict().values(), b[0].state_dict().values()):
+        assert torch.equal(x, y)
+    assert a[1]["judge_curve"] == b[1]["judge_curve"] and a[1]["embedding_teacher_test_acc"] == b[1]["embedding_teacher_test_acc"]

@@ -288,3 +288,30 @@ def test_fused_critic_blocks_give_the_official_layout_and_gradient_penalty():
         grads.append(torch.autograd.grad(gp, [*critic.features.parameters(), critic.adv.weight]))  # the GP sees neither biases of the heads nor the class head
     for g_fused, g_eager in zip(*grads):
         assert rel_error(g_fused, g_eager) < 1e-4
+
+
+def test_longer_stage1_schedule_runs_on_from_the_cached_shorter_one(npz28, tmp_path, monkeypatch, capsys):
+    """A cached 4-iteration stage 1 asked for 9 iterations runs iterations 4..8 only and ends with the weights, critic,
+    Adam states and judge curve of 9 iterations from scratch; a schedule with other settings is not used."""
+    ds = data.load("npz", npz28)
+    short, long = (dim.resolve_config(_args(npz28, tmp_path / "x", "--gan-iterations", n), ds) for n in ("4", "9"))
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "scratch"))
+    scratch = dim.pretrain(ds, long)
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "extended"))
+    other = dim.resolve_config(_args(npz28, tmp_path / "x", "--gan-iterations", "2", "--gan-batch", "10"), ds)
+    dim.pretrain(ds, other)
+    assert generators.shorter_schedule(dim.stage1_path(ds, long), 9) is None  # another batch is another schedule
+    dim.pretrain(ds, short)
+    kept = generators.final_state_path(dim.stage1_path(ds, short))
+    assert generators.shorter_schedule(dim.stage1_path(ds, long), 9) == kept
+    capsys.readouterr()
+    extended = dim.pretrain(ds, long)
+    assert f"continuing from it 4 of 9: the shorter schedule kept in {kept}" in capsys.readouterr().out
+    a, b = generators.load(scratch), generators.load(extended)
+    for x, y in zip(a[0].state_dict().values(), b[0].state_dict().values()):
+        assert torch.equal(x, y)
+    assert a[1]["judge_curve"] == b[1]["judge_curve"]
+    sa, sb = (torch.load(generators.final_state_path(p), weights_only=True) for p in (scratch, extended))
+    assert sa["iteration"] == sb["iteration"] == 9
+    for key in ("d", "opt_d", "opt_g"):
+        assert str(sa["state"][key]) == str(sb["state"][key])

@@ -451,6 +451,8 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations,
                 f"DCGM generator pretraining ({dataset.name})", every=50)
     saved = loop.resume()
+    if saved is None:
+        saved = loop.continue_from(generators.shorter_schedule(path, config.gan_iterations))
     if saved is not None:  # the embedding rides in G's state dict
         teacher_acc = saved["teacher_acc"]
     else:
@@ -464,7 +466,7 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
                                              "judge_curve": curve,
                                              "class_names": list(dataset.class_names),
                                              "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.path.unlink(missing_ok=True)
+    loop.keep(generators.final_state_path(path))
     return path
 
 

@@ -46,7 +46,7 @@ from ddfast.methods import DistillResult
 from ddfast.on_the_fly import SGD_ARGS as POOL_SGD
 from ddfast.on_the_fly import TRAIN_AUG, evaluate_on_the_fly
 from ddfast.runner import Loop
-from ddfast.utils import atomic_torch_save, cache_dir, freeze
+from ddfast.utils import cache_dir, freeze
 
 NAME = "dim"
 POOL = ("convnet", "resnet10-dim", "resnet18-dim", "resnet10ap-dim", "resnet18ap-dim")
@@ -270,15 +270,11 @@ def stage1_path(dataset: data.Dataset, config: Config) -> Path:
     return cache_dir() / "generators" / dataset.name / f"{name}.pt"
 
 
-def _stage1_state(path: Path) -> Path:
-    return path.with_suffix(".state.pt")  # critic and both Adam states: stage 2 continues from them
-
-
 def pretrain(dataset: data.Dataset, config: Config) -> Path:
     """Stage 1 (cached: OUT-independent, keyed by its arguments); checkpointed every 50 iterations, so a
     killed run re-run with the same arguments resumes and ends with the same weights."""
     path = stage1_path(dataset, config)
-    if path.is_file() and _stage1_state(path).is_file():
+    if path.is_file() and generators.final_state_path(path).is_file():  # stage 2 continues from the critic and Adam states
         return path
     pair = judge.get_judge(dataset)  # first: training it reseeds the global RNG, which the lines below then set
     kwargs = config.generator_kwargs(dataset)
@@ -287,12 +283,14 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = stage1_adam(g), stage1_adam(d)
     loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations, f"DiM stage 1 GAN ({dataset.name})", every=50)
-    curve = train_stage1(loop, loop.resume(), pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed)
-    atomic_torch_save({"d": d.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, _stage1_state(path))
+    saved = loop.resume()
+    if saved is None:
+        saved = loop.continue_from(generators.shorter_schedule(path, config.gan_iterations))
+    curve = train_stage1(loop, saved, pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed)
     generators.save(path, g, "dim", kwargs, {"dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config),
                                             "judge_curve": curve, "class_names": list(dataset.class_names),
                                             "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.path.unlink(missing_ok=True)
+    loop.keep(generators.final_state_path(path))
     return path
 
 
@@ -320,7 +318,7 @@ def train_stage1(loop: Loop, saved: dict[str, Any] | None, pair: tuple[nn.Module
 def _load_stage1(dataset: data.Dataset, config: Config, path: Path) -> tuple[nn.Module, nn.Module, torch.optim.Adam, torch.optim.Adam]:
     g, _ = generators.load(path)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
-    state = torch.load(_stage1_state(path), map_location="cpu", weights_only=True)
+    state = torch.load(generators.final_state_path(path), map_location="cpu", weights_only=True)["state"]
     d.load_state_dict(state["d"])
     opt_g, opt_d = stage1_adam(g), stage1_adam(d)
     opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
