@@ -250,17 +250,18 @@ def final_state_path(path: Path) -> Path:
     return path.with_suffix(".final.pt")
 
 
-def shorter_schedule(path: Path, iterations: int) -> Path | None:
-    """The kept final state of the longest cached schedule shorter than ``iterations`` whose cache name differs from
-    ``path``'s only in its ``-it<N>-`` field, or None: a longer schedule runs on from it instead of from scratch
-    (GAN iterations draw their randomness from (seed, iteration) at a constant learning rate)."""
-    marker = f"-it{iterations}-"
+def shorter_schedule(path: Path, length: int, field: str = "it") -> Path | None:
+    """The kept final state of the longest cached schedule shorter than ``length`` whose cache name differs from
+    ``path``'s only in its ``-<field><N>-`` field, or None: a longer schedule runs on from it instead of from scratch
+    (the GAN loops draw their randomness from (seed, iteration) or from an rng kept in the state, at a constant
+    learning rate, so iteration ``it`` does not depend on the schedule's length)."""
+    marker = f"-{field}{length}-"
     if path.name.count(marker) != 1:
         raise ValueError(f"{path.name} has no single {marker} field")
     head, tail = path.name.split(marker)
-    pattern = re.compile(re.escape(head) + r"-it(\d+)-" + re.escape(tail[:-len(path.suffix)]) + re.escape(".final.pt"))
-    found = [(int(m.group(1)), p) for p in path.parent.glob(f"{head}-it*.final.pt") if (m := pattern.fullmatch(p.name))]
-    found = [(n, p) for n, p in found if n < iterations]
+    pattern = re.compile(re.escape(f"{head}-{field}") + r"(\d+)-" + re.escape(tail[:-len(path.suffix)]) + re.escape(".final.pt"))
+    found = [(int(m.group(1)), p) for p in path.parent.glob(f"{head}-{field}*.final.pt") if (m := pattern.fullmatch(p.name))]
+    found = [(n, p) for n, p in found if n < length]
     return max(found)[1] if found else None
 
 
@@ -298,6 +299,8 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
     loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.epochs * steps, f"GAN pretraining ({dataset.name})",
                 every=steps, unit="step")  # checkpoints at epoch ends: the next epoch's permutation comes from the saved rng
     saved = loop.resume()
+    if saved is None:
+        saved = loop.continue_from(shorter_schedule(path, config.epochs, "e"))
     curve: list[dict[str, Any]] = []
     if saved is not None:
         restore_gan_state(saved, g, d, opt_g, opt_d)
@@ -337,5 +340,5 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
     curve.append(judge.curve_point(pair, g, dataset, config.epochs * steps))
     save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config), "judge_curve": curve,
                                     "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.path.unlink(missing_ok=True)
+    loop.keep(final_state_path(path))
     return g.eval(), path

@@ -27,6 +27,8 @@ def load(root: Path = ROOT) -> list[dict[str, Any]]:
         cell = json.loads(path.read_text())
         if "speed_rows" in cell:
             required: tuple[str, ...] = ("table", "speed_rows")
+        elif "report" in cell:
+            required = ("table", "row", "ipc", "commands", "report")
         elif "perf_csv" in cell:
             required = ("table", "perf_csv", "command")
             cell["perf_rows"] = list(csv.DictReader((root / cell["perf_csv"]).open()))
@@ -79,12 +81,49 @@ def render_perf(cell: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n`{cell['command']}`"
 
 
+def render_reports(cells: list[dict[str, Any]]) -> str:
+    """Generative runs from their ``distill`` report.json: per row the DC accuracy of the stored set, the judge's class
+    consistency and within-class diversity (the real data's beside it), the generator's pretraining budget and the
+    seconds of each stage."""
+    head = ["set", "IPC", "accuracy (DC, hard labels)", "judge: consistency", "judge: diversity (real)",
+            "pretraining iterations", "seconds: pretraining / condensation / evaluation"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        rep = cell["report"]
+        judge, split = rep.get("judge") or {}, rep.get("time_split_seconds", {})
+        stages = [split.get("pretraining", split.get("stage1_gan")), split.get("condensation", split.get("stage2_matching")),
+                  rep.get("seconds")]
+        lines.append("| " + " | ".join([
+            cell["row"], str(cell["ipc"]), _cell(rep) if "accs" in rep else "not run",
+            f"{judge['consistency']:.1f}%" if judge else "—",
+            f"{judge['diversity']:.3f} ({judge['real_diversity']:.3f})" if judge.get("diversity") is not None else "—",
+            str(rep["method_config"]["gan_iterations"]),
+            " / ".join("—" if v is None else f"{v:.0f}" for v in stages)]) + " |")
+    return "\n".join(lines)
+
+
+def render_curve(cells: list[dict[str, Any]]) -> str:
+    """The judge's curve over the generator's pretraining, from the run whose pretraining went furthest."""
+    cell = max(cells, key=lambda c: len(c["report"]["pretraining_judge_curve"]))
+    lines = ["| pretraining iteration | judge: consistency | judge: diversity |", "|---|---|---|"]
+    for point in cell["report"]["pretraining_judge_curve"]:
+        lines.append(f"| {point['iteration']} | {point['consistency']:.1f}% | {point['diversity']:.3f} |")
+    return "\n".join(lines) + f"\n\n(from `{cell['file']}`)"
+
+
 def render(table: str, cells: list[dict[str, Any]]) -> str:
     """A markdown table: one line per (row, IPC) in file order, the columns the cells fill; for a table with a
     ``random`` column the difference to the random subset of the same IPC and split."""
-    mine = [c for c in cells if c["table"] == table]
+    base, _, view = table.partition(".")  # NAME.curve: the pretraining curve of table NAME's runs
+    mine = [c for c in cells if c["table"] == base]
     if not mine:
-        raise ValueError(f"no result files for table {table!r}")
+        raise ValueError(f"no result files for table {base!r}")
+    if view == "curve":
+        return render_curve(mine)
+    if view:
+        raise ValueError(f"unknown view {view!r} of table {base!r} (known: curve)")
+    if "report" in mine[0]:
+        return render_reports(mine)
     if "speed_rows" in mine[0]:
         return render_speed(mine[0])
     if "perf_csv" in mine[0]:
@@ -118,7 +157,7 @@ def update(page: str, cells: list[dict[str, Any]]) -> str:
         name = match.group(1)
         return f"<!-- results:{name} -->\n{render(name, cells)}\n<!-- /results:{name} -->"
 
-    return re.sub(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", fill, page, flags=re.S)
+    return re.sub(r"<!-- results:([\w.-]+) -->.*?<!-- /results:\1 -->", fill, page, flags=re.S)
 
 
 def main(argv: list[str] | None = None) -> int:

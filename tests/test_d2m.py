@@ -123,6 +123,23 @@ def test_segment_run_gives_the_whole_batch_generator(tmp_path):
     assert rel_error(seg["images"], whole["images"]) < 1e-5
 
 
+def test_more_pretraining_epochs_run_on_from_the_cached_shorter_schedule(tmp_path, monkeypatch, capsys):
+    dataset = data.synthetic(train_per_class=200)
+    short, long = (generators.GANConfig(epochs=e, width=8, z_dim=16, batch_size=64) for e in (2, 4))
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "scratch"))
+    scratch = generators.pretrain(dataset, long)[1]
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "extended"))
+    generators.pretrain(dataset, short)
+    capsys.readouterr()
+    extended = generators.pretrain(dataset, long)[1]
+    steps = len(dataset.train_labels) // 64
+    assert f"continuing from step {2 * steps} of {4 * steps}" in capsys.readouterr().out
+    a, b = generators.load(scratch), generators.load(extended)
+    for x, y in zip(a[0].state_dict().values(), b[0].state_dict().values()):
+        assert torch.equal(x, y)
+    assert a[1]["judge_curve"] == b[1]["judge_curve"]
+
+
 def test_sigkill_resumes_to_the_same_generator(tmp_path, monkeypatch):
     extra = ["--iterations", "60"]
     whole, whole_report = run_distill(["--method", "d2m", *BASE, *extra], tmp_path / "uninterrupted")

@@ -48,3 +48,19 @@ def test_perf_table_gives_each_kernel_row_its_ratios():
     rows.append({"kernel": "k1", "mode": "fwd", "shape": "[2,3]", "metric": "peak_mem", "provider": "ddfast", "p50": "99"})
     text = results.render("k", [{"table": "k", "perf_rows": rows, "perf_csv": "x.csv", "command": "pytest perf/"}])
     assert "| k1 | fwd | [2,3] | 2.00 | 10.00 | 4.00 | 5.0 | 2.0 |" in text and "pytest perf/" in text
+
+
+def test_generative_reports_give_accuracy_judge_budget_and_the_longest_curve():
+    def report(iterations, curve):
+        return {"mean": 70.0, "std": 0.5, "accs": [69.5, 70.0, 70.5], "seconds": 30.0,
+                "judge": {"consistency": 76.0, "diversity": 0.6819, "real_diversity": 0.6827},
+                "time_split_seconds": {"pretraining": 100.0, "condensation": 20.4}, "method_config": {"gan_iterations": iterations},
+                "pretraining_judge_curve": [{"iteration": i, "consistency": c, "diversity": d} for i, c, d in curve]}
+    cells = [{"table": "g", "row": "dcgm", "ipc": 10, "commands": [], "file": f"results/g/{n}.json", "report": report(n, curve)}
+             for n, curve in ((1000, [(0, 10.0, 0.001), (1000, 83.0, 0.46)]), (2000, [(0, 10.0, 0.001), (1000, 83.0, 0.46), (2000, 88.0, 0.5)]))]
+    text = results.render("g", cells)
+    assert "| dcgm | 10 | 70.00 ± 0.50 | 76.0% | 0.682 (0.683) | 1000 | 100 / 20 / 30 |" in text
+    curve = results.render("g.curve", cells)
+    assert "| 2000 | 88.0% | 0.500 |" in curve and "results/g/2000.json" in curve
+    with pytest.raises(ValueError, match="unknown view"):
+        results.render("g.other", cells)
