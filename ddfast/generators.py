@@ -265,6 +265,25 @@ def shorter_schedule(path: Path, length: int, field: str = "it") -> Path | None:
     return max(found)[1] if found else None
 
 
+def cached_training_loop(path: Path, total: int, length: int, desc: str, every: int, field: str = "it",
+                         unit: str = "it") -> tuple[Loop, dict[str, Any] | None]:
+    """The loop of a generator trained into the cache at ``path`` (``total`` loop steps for a schedule whose length
+    ``length`` is the ``-<field><N>-`` part of the name), with the state it starts from: an interrupted run's, else
+    the kept final state of a shorter cached schedule, else None (from scratch)."""
+    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, total, desc, every=every, unit=unit)
+    saved = loop.resume()
+    if saved is None:
+        saved = loop.continue_from(shorter_schedule(path, length, field))
+    return loop, saved
+
+
+def finish_cached_training(loop: Loop, path: Path, generator: nn.Module, arch: str, kwargs: dict[str, Any],
+                           meta: dict[str, Any]) -> None:
+    """Write the trained generator to the cache and keep the loop's final state beside it (for a longer schedule)."""
+    save(path, generator, arch, kwargs, meta)
+    loop.keep(final_state_path(path))
+
+
 def restore_gan_state(blob: dict[str, Any], g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
     """Load what :func:`gan_state` wrote back into the networks and optimisers."""
     g.load_state_dict(blob["g"]), d.load_state_dict(blob["d"])
@@ -296,11 +315,9 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
     real_all = images * 2 - 1  # the generator's tanh range
     n = len(labels)
     steps = n // config.batch_size  # drop the last partial batch (batch norm)
-    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.epochs * steps, f"GAN pretraining ({dataset.name})",
-                every=steps, unit="step")  # checkpoints at epoch ends: the next epoch's permutation comes from the saved rng
-    saved = loop.resume()
-    if saved is None:
-        saved = loop.continue_from(shorter_schedule(path, config.epochs, "e"))
+    # checkpoints at epoch ends: the next epoch's permutation comes from the saved rng
+    loop, saved = cached_training_loop(path, config.epochs * steps, config.epochs, f"GAN pretraining ({dataset.name})", every=steps,
+                                       field="e", unit="step")
     curve: list[dict[str, Any]] = []
     if saved is not None:
         restore_gan_state(saved, g, d, opt_g, opt_d)
@@ -338,7 +355,7 @@ def pretrain(dataset: data.Dataset, config: GANConfig) -> tuple[nn.Module, Path]
 
     loop.run(step, lambda: gan_state(g, d, opt_g, opt_d, rng=gen.get_state(), judge_curve=curve))
     curve.append(judge.curve_point(pair, g, dataset, config.epochs * steps))
-    save(path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config), "judge_curve": curve,
-                                    "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.keep(final_state_path(path))
+    finish_cached_training(loop, path, g, "dcgan", kwargs, {"dataset": dataset.name, "stage": "pretrained", "gan": dataclasses.asdict(config),
+                                                            "judge_curve": curve,
+                                                            "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     return g.eval(), path

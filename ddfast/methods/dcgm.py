@@ -448,11 +448,8 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     g = DCGMGenerator(**kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = dim.stage1_adam(g), dim.stage1_adam(d)  # Adam 1e-4, betas (0, 0.9): DiM's stage 1
-    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations,
-                f"DCGM generator pretraining ({dataset.name})", every=50)
-    saved = loop.resume()
-    if saved is None:
-        saved = loop.continue_from(generators.shorter_schedule(path, config.gan_iterations))
+    loop, saved = generators.cached_training_loop(path, config.gan_iterations, config.gan_iterations,
+                                                  f"DCGM generator pretraining ({dataset.name})", every=50)
     if saved is not None:  # the embedding rides in G's state dict
         teacher_acc = saved["teacher_acc"]
     else:
@@ -461,12 +458,10 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
         g.class_embedding.copy_(centred(class_embeddings(extractor, dataset)))
     curve = dim.train_stage1(loop, saved, pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed,
                              extra={"teacher_acc": teacher_acc})
-    generators.save(path, g, "dcgm", kwargs, {"dataset": dataset.name, "stage": "dcgm pretraining (DiM stage-1 GAN)",
-                                             "method_config": dataclasses.asdict(config), "embedding_teacher_test_acc": teacher_acc,
-                                             "judge_curve": curve,
-                                             "class_names": list(dataset.class_names),
-                                             "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.keep(generators.final_state_path(path))
+    generators.finish_cached_training(loop, path, g, "dcgm", kwargs, {
+        "dataset": dataset.name, "stage": "dcgm pretraining (DiM stage-1 GAN)", "method_config": dataclasses.asdict(config),
+        "embedding_teacher_test_acc": teacher_acc, "judge_curve": curve, "class_names": list(dataset.class_names),
+        "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     return path
 
 

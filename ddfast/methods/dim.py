@@ -282,15 +282,12 @@ def pretrain(dataset: data.Dataset, config: Config) -> Path:
     g = generators.create("dim", **kwargs)
     d = generators.DiMCritic(dataset.num_classes, dataset.channels, dataset.image_size[0], config.width)
     opt_g, opt_d = stage1_adam(g), stage1_adam(d)
-    loop = Loop(path.with_suffix(".partial.pt"), {"cache": path.name}, config.gan_iterations, f"DiM stage 1 GAN ({dataset.name})", every=50)
-    saved = loop.resume()
-    if saved is None:
-        saved = loop.continue_from(generators.shorter_schedule(path, config.gan_iterations))
+    loop, saved = generators.cached_training_loop(path, config.gan_iterations, config.gan_iterations, f"DiM stage 1 GAN ({dataset.name})",
+                                                  every=50)
     curve = train_stage1(loop, saved, pair, g, d, opt_g, opt_d, dataset, config.gan_batch, config.seed)
-    generators.save(path, g, "dim", kwargs, {"dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config),
-                                            "judge_curve": curve, "class_names": list(dataset.class_names),
-                                            "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
-    loop.keep(generators.final_state_path(path))
+    generators.finish_cached_training(loop, path, g, "dim", kwargs, {
+        "dataset": dataset.name, "stage": "dim stage 1 (GAN)", "method_config": dataclasses.asdict(config), "judge_curve": curve,
+        "class_names": list(dataset.class_names), "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)}})
     return path
 
 
