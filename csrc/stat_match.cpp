@@ -26,7 +26,10 @@
 // layout) the kernels gather the plane into per-thread scratch, take its channel partial, form x'
 // centered on the plane mean from the 2 x 2 taps and feed it to the same tile-row kernels (see
 // forward_resize). Backward: dx = A[c] + S[c](x - cmean[c]) + R_hᵀ [P + Q (x' - pmean[k])] R_w per
-// plane, the adjoint as gathers with fixed tap order (backward_resize).
+// plane, the adjoint as gathers with fixed tap order (backward_resize). Planes are tiny here (7 x 7,
+// 14 x 14), so both kernels take 8 (float accumulation) / 4 (float64) planes at a time, one per SIMD
+// lane of a plane-interleaved scratch, every lane repeating the per-plane arithmetic exactly: a
+// plane's results are bitwise the same whichever planes share its block (see "plane blocks").
 //
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
 // strides are made contiguous with x.contiguous() first (one extra copy; dx is then contiguous).
@@ -57,6 +60,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1331,7 +1335,8 @@ SM_ATTR void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx
 // mean gives s = 0 so NaN/Inf reach only the patches their taps feed), tile stats of x' - s with the
 // tile-row kernels and the streaming Chan merge into the group's patch partials. Planes are numbered
 // b * C + c in both layouts, so NCHW and channels_last give identical results. x' lives only in
-// per-thread scratch ([H', W'] per plane).
+// per-thread scratch ([H', W'] per plane). The per-plane functions here are the reference arithmetic
+// of the block path below (and run group remainders and the tile shapes it does not take).
 // Adjoint taps: input i gathers ta entries (at[i * ta + t] of out, weight aw[i * ta + t]) instead of
 // a scatter's dependent read-modify-writes; unused taps read entry n_out (a zero pad) with weight 0.
 template <typename acc_t>
@@ -1416,47 +1421,481 @@ SM_ATTR acc_t* resize_plane(acc_t* __restrict d, const ResizeTab<acc_t>& rh, con
   return out;
 }
 
-// The adjoint R_hᵀ · g · R_w of g [H', W']: along H into tmp [H, W' (+ 1 zero pad column when W is
-// resized)], then along W (gather taps) into out [H, W]. Fixed summation order (deterministic).
-// Returns the result (tmp when W needs no resize). tmp: H * (W' + 1) entries.
+// ---- plane blocks: L planes side by side, one per vector lane ----------------------------------
+// The resize kernels take L consecutive planes (8 for float accumulation, 4 for double) at a time,
+// plane-interleaved in scratch ([pixel][L]: one vector per pixel, plane l in lane l), so every
+// resize tap, tile sum and adjoint tap is one vector operation with a broadcast scalar weight
+// instead of a scalar gather. Each lane repeats the per-plane kernels' arithmetic exactly (the same
+// operations in the same order: plane_twopass's accumulator split and reduction tree, the tile-row
+// kernels' column sums and lane trees, resize_plane's taps), so a plane's results are bitwise those
+// of the per-plane path whatever planes share its block (padding lanes are zero and discarded), and
+// the block path changed no result of the earlier per-plane kernels. forward_resize uses blocks
+// wherever the per-plane tile kernel has a fixed summation order (every case but
+// nchw_tilerow_generic's, whose omp-simd reductions are left to the compiler: those, and group
+// remainders of fewer than kMinBlockPlanes planes, keep the per-plane path); backward_resize always.
+// Block loads / stores transpose L x L in registers (NCHW) or read L consecutive channels per pixel
+// (channels_last), with the element conversions of load_plane / store_plane.
+
+// ((v0 + v1) + (v2 + v3)) + ...: the tree group_sum<N> forms in lane 0 (and hadd8 for N = 4).
+template <int N, typename V>
+SM_ATTR inline __attribute__((always_inline)) V tree_sum(const V* v) {
+  if constexpr (N == 1)
+    return v[0];
+  else
+    return tree_sum<N / 2, V>(v) + tree_sum<N / 2, V>(v + N / 2);
+}
+
+// In-register transpose of L x L (r[l][k] -> r[k][l]). The baseline copy works on the 16-byte
+// halves with SSE unpacks (GCC lowers generic 32-byte shuffles there element by element).
+#if !SM_F16C && defined(__SSE2__)
+SM_ATTR inline __attribute__((always_inline)) void transpose_l(Vec<float>::type* r) {
+  __m128 lo[8], hi[8];
+  for (int k = 0; k < 8; ++k) {
+    std::memcpy(&lo[k], &r[k], 16);
+    std::memcpy(&hi[k], reinterpret_cast<const char*>(&r[k]) + 16, 16);
+  }
+  _MM_TRANSPOSE4_PS(lo[0], lo[1], lo[2], lo[3]);  // planes 0-3, pixels 0-3
+  _MM_TRANSPOSE4_PS(hi[0], hi[1], hi[2], hi[3]);  // planes 0-3, pixels 4-7
+  _MM_TRANSPOSE4_PS(lo[4], lo[5], lo[6], lo[7]);  // planes 4-7, pixels 0-3
+  _MM_TRANSPOSE4_PS(hi[4], hi[5], hi[6], hi[7]);  // planes 4-7, pixels 4-7
+  for (int k = 0; k < 4; ++k) {
+    std::memcpy(&r[k], &lo[k], 16);
+    std::memcpy(reinterpret_cast<char*>(&r[k]) + 16, &lo[k + 4], 16);
+    std::memcpy(&r[k + 4], &hi[k], 16);
+    std::memcpy(reinterpret_cast<char*>(&r[k + 4]) + 16, &hi[k + 4], 16);
+  }
+}
+
+SM_ATTR inline __attribute__((always_inline)) void transpose_l(Vec<double>::type* r) {
+  __m128d lo[4], hi[4];
+  for (int k = 0; k < 4; ++k) {
+    std::memcpy(&lo[k], &r[k], 16);
+    std::memcpy(&hi[k], reinterpret_cast<const char*>(&r[k]) + 16, 16);
+  }
+  const __m128d o[8] = {_mm_unpacklo_pd(lo[0], lo[1]), _mm_unpacklo_pd(lo[2], lo[3]),   // pixel 0
+                        _mm_unpackhi_pd(lo[0], lo[1]), _mm_unpackhi_pd(lo[2], lo[3]),   // pixel 1
+                        _mm_unpacklo_pd(hi[0], hi[1]), _mm_unpacklo_pd(hi[2], hi[3]),   // pixel 2
+                        _mm_unpackhi_pd(hi[0], hi[1]), _mm_unpackhi_pd(hi[2], hi[3])};  // pixel 3
+  for (int k = 0; k < 4; ++k) {
+    std::memcpy(&r[k], &o[2 * k], 16);
+    std::memcpy(reinterpret_cast<char*>(&r[k]) + 16, &o[2 * k + 1], 16);
+  }
+}
+#else
+SM_ATTR inline __attribute__((always_inline)) void transpose_l(Vec<float>::type* r) {
+  typedef Vec<float>::itype I;
+  v8f t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], I{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shuffle(t[k], t[k + 2], I{0, 1, 8, 9, 4, 5, 12, 13});
+    u[k + 1] = __builtin_shuffle(t[k], t[k + 2], I{2, 3, 10, 11, 6, 7, 14, 15});
+    u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], I{0, 1, 8, 9, 4, 5, 12, 13});
+    u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], I{2, 3, 10, 11, 6, 7, 14, 15});
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(u[k], u[k + 4], I{0, 1, 2, 3, 8, 9, 10, 11});
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], I{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+SM_ATTR inline __attribute__((always_inline)) void transpose_l(Vec<double>::type* r) {
+  typedef Vec<double>::type V;
+  typedef Vec<double>::itype I;
+  const V t0 = __builtin_shuffle(r[0], r[1], I{0, 4, 2, 6}), t1 = __builtin_shuffle(r[0], r[1], I{1, 5, 3, 7});
+  const V t2 = __builtin_shuffle(r[2], r[3], I{0, 4, 2, 6}), t3 = __builtin_shuffle(r[2], r[3], I{1, 5, 3, 7});
+  r[0] = __builtin_shuffle(t0, t2, I{0, 1, 4, 5});
+  r[1] = __builtin_shuffle(t1, t3, I{0, 1, 4, 5});
+  r[2] = __builtin_shuffle(t0, t2, I{2, 3, 6, 7});
+  r[3] = __builtin_shuffle(t1, t3, I{2, 3, 6, 7});
+}
+#endif
+
+// Unaligned 32-byte loads / stores straight to / from registers.
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8)));
+SM_ATTR inline __attribute__((always_inline)) v8f ldu(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+SM_ATTR inline __attribute__((always_inline)) Vec<double>::type ldu(const double* p) {
+  return *reinterpret_cast<const v4d_u*>(p);
+}
+SM_ATTR inline __attribute__((always_inline)) void stu(float* p, v8f v) { *reinterpret_cast<v8f_u*>(p) = v; }
+SM_ATTR inline __attribute__((always_inline)) void stu(double* p, Vec<double>::type v) {
+  *reinterpret_cast<v4d_u*>(p) = v;
+}
+
+// rows [L][n] (plane-major, row stride n) -> X [n] vectors (plane-interleaved), and back.
 template <typename acc_t>
-SM_ATTR const acc_t* resize_adjoint(const acc_t* __restrict g, const ResizeTab<acc_t>& rh,
-                                    const ResizeTab<acc_t>& rw, acc_t* __restrict tmp, acc_t* __restrict out) {
+SM_ATTR void interleave(typename Vec<acc_t>::type* __restrict X, const acc_t* __restrict rows, int64_t n) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V r[L];
+#pragma GCC unroll 8
+    for (int l = 0; l < L; ++l) r[l] = ldu(rows + l * n + i);
+    transpose_l(r);
+#pragma GCC unroll 8
+    for (int k = 0; k < L; ++k) X[i + k] = r[k];
+  }
+  for (; i < n; ++i)
+    for (int l = 0; l < L; ++l) X[i][l] = rows[l * n + i];
+}
+
+template <typename acc_t>
+SM_ATTR void deinterleave(acc_t* __restrict rows, const typename Vec<acc_t>::type* __restrict X, int64_t n) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V r[L];
+#pragma GCC unroll 8
+    for (int k = 0; k < L; ++k) r[k] = X[i + k];
+    transpose_l(r);
+#pragma GCC unroll 8
+    for (int l = 0; l < L; ++l) stu(rows + l * n + i, r[l]);
+  }
+  for (; i < n; ++i)
+    for (int l = 0; l < L; ++l) rows[l * n + i] = X[i][l];
+}
+
+// Planes u0 .. u0 + nl - 1 (nl <= L; lanes past nl zero) of x into X [HW]; buf: L * HW scratch.
+// Element values are converted exactly as load_plane does.
+template <typename scalar_t, typename acc_t>
+SM_ATTR void load_block(typename Vec<acc_t>::type* __restrict X, const scalar_t* __restrict x, int64_t u0, int nl,
+                        int64_t C, int64_t HW, int64_t sc, int64_t ps, acc_t* __restrict buf) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  const int64_t c0 = u0 % C;
+  if (ps == 1) {  // NCHW: plane u at x + u * HW
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      if (nl == L) {
+        interleave<acc_t>(X, x + u0 * HW, HW);
+        return;
+      }
+    }
+    for (int l = 0; l < nl; ++l) {
+      const int64_t u = u0 + l;
+      load_plane<scalar_t, acc_t>(buf + l * HW, x + (u / C) * C * HW + (u % C) * sc, HW, 1);
+    }
+    std::fill(buf + nl * HW, buf + L * HW, acc_t(0));
+    interleave<acc_t>(X, buf, HW);
+    return;
+  }
+  if (nl == L && c0 + L <= C) {  // channels_last, one sample: L consecutive channels per pixel
+    const scalar_t* __restrict p = x + (u0 / C) * C * HW + c0 * sc;
+    for (int64_t i = 0; i < HW; ++i) X[i] = vload<scalar_t, acc_t>(p + i * ps);
+    return;
+  }
+  for (int64_t i = 0; i < HW; ++i) X[i] = V{};
+  for (int l = 0; l < nl; ++l) {
+    const int64_t u = u0 + l;
+    const scalar_t* __restrict p = x + (u / C) * C * HW + (u % C) * sc;
+    for (int64_t i = 0; i < HW; ++i) X[i][l] = static_cast<acc_t>(p[i * ps]);
+  }
+}
+
+// Lanes 0 .. nl - 1 of X [HW] to planes u0 .. of dx, converted exactly as store_plane does.
+template <typename scalar_t, typename acc_t>
+SM_ATTR void store_block(scalar_t* __restrict dx, const typename Vec<acc_t>::type* __restrict X, int64_t u0, int nl,
+                         int64_t C, int64_t HW, int64_t sc, int64_t ps, acc_t* __restrict buf) {
+  constexpr int L = Vec<acc_t>::L;
+  const int64_t c0 = u0 % C;
+  if (ps == 1) {
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      if (nl == L) {
+        deinterleave<acc_t>(dx + u0 * HW, X, HW);
+        return;
+      }
+    }
+    deinterleave<acc_t>(buf, X, HW);
+    for (int l = 0; l < nl; ++l) {
+      const int64_t u = u0 + l;
+      store_plane<scalar_t, acc_t>(dx + (u / C) * C * HW + (u % C) * sc, buf + l * HW, HW, 1);
+    }
+    return;
+  }
+  if (nl == L && c0 + L <= C) {
+    scalar_t* __restrict p = dx + (u0 / C) * C * HW + c0 * sc;
+    for (int64_t i = 0; i < HW; ++i) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        std::memcpy(p + i * ps, &X[i], sizeof(X[i]));
+      } else {
+        for (int l = 0; l < L; ++l) p[i * ps + l] = static_cast<scalar_t>(X[i][l]);
+      }
+    }
+    return;
+  }
+  for (int l = 0; l < nl; ++l) {
+    const int64_t u = u0 + l;
+    scalar_t* __restrict p = dx + (u / C) * C * HW + (u % C) * sc;
+    for (int64_t i = 0; i < HW; ++i) p[i * ps] = static_cast<scalar_t>(X[i][l]);
+  }
+}
+
+// plane_twopass<acc_t, acc_t> per lane: the same 4 L pass-1 and 2 L pass-2 accumulators (here
+// one vector each, lanes = planes), the same trees, tails and double chunk sums.
+template <typename acc_t>
+SM_ATTR void block_twopass(const typename Vec<acc_t>::type* __restrict X, int64_t n, double* __restrict mean,
+                           double* __restrict m2) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  constexpr int BL = 4 * L;
+  constexpr int64_t CH = 4096;
+  V a[BL];
+  for (int k = 0; k < BL; ++k) a[k] = V{};
+  int64_t i = 0;
+  for (; i + BL <= n; i += BL)
+    for (int k = 0; k < BL; ++k) a[k] += X[i + k];
+  V v[L];
+  for (int l = 0; l < L; ++l) v[l] = (a[l] + a[L + l]) + (a[2 * L + l] + a[3 * L + l]);
+  V s = tree_sum<L, V>(v);
+  for (; i < n; ++i) s += X[i];
+  const V m = s / acc_t(n);
+  double se[L] = {}, see[L] = {};
+  for (int64_t c0 = 0; c0 < n; c0 += CH) {
+    const int64_t c1 = std::min(n, c0 + CH);
+    V e[2 * L], f[2 * L];
+    for (int k = 0; k < 2 * L; ++k) e[k] = f[k] = V{};
+    i = c0;
+    for (; i + 2 * L <= c1; i += 2 * L) {
+      for (int k = 0; k < 2 * L; ++k) {
+        const V d = X[i + k] - m;
+        e[k] += d;
+        f[k] += d * d;
+      }
+    }
+    V ve[L], vf[L];
+    for (int l = 0; l < L; ++l) {
+      ve[l] = e[l] + e[L + l];
+      vf[l] = f[l] + f[L + l];
+    }
+    V t1 = tree_sum<L, V>(ve), t2 = tree_sum<L, V>(vf);
+    for (; i < c1; ++i) {
+      const V d = X[i] - m;
+      t1 += d;
+      t2 += d * d;
+    }
+    for (int l = 0; l < L; ++l) {
+      se[l] += t1[l];
+      see[l] += t2[l];
+    }
+  }
+  const double dn = double(n);
+  for (int l = 0; l < L; ++l) {
+    mean[l] = double(m[l]) + se[l] / dn;
+    m2[l] = nonneg(see[l] - se[l] * se[l] / dn);
+  }
+}
+
+// resize_plane per lane. Returns the result (tmp when H needs no resize).
+template <typename acc_t>
+SM_ATTR typename Vec<acc_t>::type* resize_block(typename Vec<acc_t>::type* __restrict d, const ResizeTab<acc_t>& rh,
+                                                const ResizeTab<acc_t>& rw, typename Vec<acc_t>::type* __restrict tmp,
+                                                typename Vec<acc_t>::type* __restrict out) {
+  typedef typename Vec<acc_t>::type V;
+  const int64_t W = rw.n_in, W2 = rw.n_out;
+  V* rows = d;
+  if (!rw.id) {
+    const acc_t* __restrict wl = rw.wl.data();
+    const acc_t* __restrict wh = rw.wh.data();
+    const int32_t* __restrict lo = rw.lo;
+    const int32_t* __restrict hi = rw.hi;
+    for (int64_t j = 0; j < W2; ++j) {  // column outer: the taps stay in registers
+      const acc_t a = wl[j], b = wh[j];
+      const int64_t il = lo[j], ih = hi[j];
+      for (int64_t h = 0; h < rh.n_in; ++h) tmp[h * W2 + j] = a * d[h * W + il] + b * d[h * W + ih];
+    }
+    rows = tmp;
+  }
+  if (rh.id) return rows;
+  for (int64_t i = 0; i < rh.n_out; ++i) {
+    const V* __restrict a = rows + rh.lo[i] * W2;
+    const V* __restrict b = rows + rh.hi[i] * W2;
+    const acc_t wa = rh.wl[i], wb = rh.wh[i];
+    V* __restrict o = out + i * W2;
+    for (int64_t j = 0; j < W2; ++j) o[j] = wa * a[j] + wb * b[j];
+  }
+  return out;
+}
+
+// The adjoint R_hᵀ · g · R_w of g [H', W'] per lane: along H into tmp [H, W' (+ 1 zero pad column when W
+// is resized)], then along W (gather taps) into out [H, W]; fixed summation order (deterministic). tmp:
+// H * (W' + 1) vectors. Returns the result (tmp when W needs no resize).
+template <typename acc_t>
+SM_ATTR const typename Vec<acc_t>::type* adjoint_block(const typename Vec<acc_t>::type* __restrict g,
+                                                       const ResizeTab<acc_t>& rh, const ResizeTab<acc_t>& rw,
+                                                       typename Vec<acc_t>::type* __restrict tmp,
+                                                       typename Vec<acc_t>::type* __restrict out) {
+  typedef typename Vec<acc_t>::type V;
   const int64_t W = rw.n_in, W2 = rw.n_out, ld = rw.id ? W2 : W2 + 1;
   if (rh.id && rw.id) return g;
   if (!rh.id) {
-    std::fill(tmp, tmp + rh.n_in * ld, acc_t(0));
+    for (int64_t i = 0; i < rh.n_in * ld; ++i) tmp[i] = V{};
     for (int64_t i = 0; i < rh.n_out; ++i) {
-      const acc_t* __restrict gi = g + i * W2;
+      const V* __restrict gi = g + i * W2;
       const acc_t wa = rh.wl[i], wb = rh.wh[i];
-      acc_t* __restrict a = tmp + rh.lo[i] * ld;
-#pragma omp simd
+      V* a = tmp + rh.lo[i] * ld;
       for (int64_t j = 0; j < W2; ++j) a[j] += wa * gi[j];
-      acc_t* __restrict b = tmp + rh.hi[i] * ld;  // may be row a: a separate loop
-#pragma omp simd
+      V* b = tmp + rh.hi[i] * ld;  // may be row a: a separate loop
       for (int64_t j = 0; j < W2; ++j) b[j] += wb * gi[j];
     }
     if (rw.id) return tmp;
   } else {
     for (int64_t h = 0; h < rh.n_in; ++h) {
-      std::memcpy(tmp + h * ld, g + h * W2, W2 * sizeof(acc_t));
-      tmp[h * ld + W2] = acc_t(0);
+      for (int64_t j = 0; j < W2; ++j) tmp[h * ld + j] = g[h * W2 + j];
+      tmp[h * ld + W2] = V{};
     }
   }
   const int64_t ta = rw.ta;
   const int32_t* __restrict at = rw.at.data();
   const acc_t* __restrict aw = rw.aw.data();
   for (int64_t h = 0; h < rh.n_in; ++h) {
-    const acc_t* __restrict r = tmp + h * ld;
-    acc_t* __restrict o = out + h * W;
+    const V* __restrict r = tmp + h * ld;
+    V* __restrict o = out + h * W;
     for (int64_t w = 0; w < W; ++w) {
-      acc_t v = aw[w * ta] * r[at[w * ta]];
+      V v = aw[w * ta] * r[at[w * ta]];
       for (int64_t t = 1; t < ta; ++t) v += aw[w * ta + t] * r[at[w * ta + t]];
       o[w] = v;
     }
   }
   return out;
 }
+
+// Backward of a block when both H and W are resized: x' row i (resize along H of the W-resized rows
+// tmp [H, W']), g' = QM x' + RM and its adjoint along H accumulated into ta [H, W' + 1] (zero pad
+// column) in one pass per row: every element sees the operations of resize_plane, the g' map and
+// adjoint_block's H loop in the same order.
+template <typename acc_t>
+SM_ATTR void bwd_rows_block(const typename Vec<acc_t>::type* __restrict tmp, const ResizeTab<acc_t>& rh, int64_t W2,
+                            const acc_t* __restrict QM, const typename Vec<acc_t>::type* __restrict rm,
+                            typename Vec<acc_t>::type* __restrict ta) {
+  typedef typename Vec<acc_t>::type V;
+  const int64_t ld = W2 + 1;
+  for (int64_t i = 0; i < rh.n_in * ld; ++i) ta[i] = V{};
+  for (int64_t i = 0; i < rh.n_out; ++i) {
+    const V* __restrict a = tmp + rh.lo[i] * W2;
+    const V* __restrict b = tmp + rh.hi[i] * W2;
+    const acc_t wa = rh.wl[i], wb = rh.wh[i];
+    const acc_t* __restrict q = QM + i * W2;
+    const V* __restrict r = rm + i * W2;
+    V* ra = ta + rh.lo[i] * ld;
+    V* rb = ta + rh.hi[i] * ld;  // may be row ra: per element ra first, as adjoint_block
+    for (int64_t j = 0; j < W2; ++j) {
+      const V o = wa * a[j] + wb * b[j];
+      const V g = q[j] * o + r[j];
+      ra[j] += wa * g;
+      rb[j] += wb * g;
+    }
+  }
+}
+
+// adjoint_block's W gathers (TA taps per input; TA == 0: rw.ta at run time) fused with the final
+// dx = (A + S d) + adjoint, in place over X [H, W] (d in, dx out). Column outer: taps in registers.
+template <int TA, typename acc_t>
+SM_ATTR void bwd_cols_block(const typename Vec<acc_t>::type* __restrict r, int64_t ld, const ResizeTab<acc_t>& rw,
+                            int64_t H, typename Vec<acc_t>::type av, typename Vec<acc_t>::type sv,
+                            typename Vec<acc_t>::type* __restrict X) {
+  typedef typename Vec<acc_t>::type V;
+  const int64_t W = rw.n_in, ta = rw.ta;
+  const int32_t* __restrict at = rw.at.data();
+  const acc_t* __restrict aw = rw.aw.data();
+  for (int64_t w = 0; w < W; ++w) {
+    if constexpr (TA > 0) {
+      acc_t wt[TA];
+      int64_t it[TA];
+      for (int t = 0; t < TA; ++t) {
+        wt[t] = aw[w * TA + t];
+        it[t] = at[w * TA + t];
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const V* __restrict rr = r + h * ld;
+        V v = wt[0] * rr[it[0]];
+        for (int t = 1; t < TA; ++t) v += wt[t] * rr[it[t]];
+        X[h * W + w] = (av + sv * X[h * W + w]) + v;
+      }
+    } else {
+      for (int64_t h = 0; h < H; ++h) {
+        const V* __restrict rr = r + h * ld;
+        V v = aw[w * ta] * rr[at[w * ta]];
+        for (int64_t t = 1; t < ta; ++t) v += aw[w * ta + t] * rr[at[w * ta + t]];
+        X[h * W + w] = (av + sv * X[h * W + w]) + v;
+      }
+    }
+  }
+}
+
+// Tile sum as the tile-row kernels form it from per-column sums c[0 .. P): lanes of one vector
+// first (column l + i L added in order i), then the group_sum tree over min(P, L) lanes.
+template <int P, typename acc_t>
+SM_ATTR inline __attribute__((always_inline)) typename Vec<acc_t>::type tile_reduce(
+    const typename Vec<acc_t>::type* c) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
+  constexpr int GL = P > L ? L : P, GV = P > L ? P / L : 1;
+  V d[GL];
+  for (int l = 0; l < GL; ++l) {
+    d[l] = c[l];
+    for (int i = 1; i < GV; ++i) d[l] += c[i * L + l];
+  }
+  return tree_sum<GL, V>(d);
+}
+
+// Tile stats (P x P tiles) of a block x' [H2, W2] per lane, as nchw_tilerow_f4 / nchw_tilerow_vec.
+template <int P, typename acc_t>
+SM_ATTR void block_tiles(const typename Vec<acc_t>::type* __restrict r, int64_t H2, int64_t W2, acc_t inv_nf,
+                         typename Vec<acc_t>::type* __restrict tm, typename Vec<acc_t>::type* __restrict tc,
+                         typename Vec<acc_t>::type* __restrict tv) {
+  typedef typename Vec<acc_t>::type V;
+  const int64_t ntw = W2 / P;
+  const V zero = {};
+  int64_t t = 0;
+  for (int64_t i = 0; i < H2 / P; ++i) {
+    for (int64_t jt = 0; jt < ntw; ++jt, ++t) {
+      const V* __restrict x0 = r + i * P * W2 + jt * P;
+      V c[P];
+      for (int q = 0; q < P; ++q) c[q] = x0[q];
+      for (int rr = 1; rr < P; ++rr)
+        for (int q = 0; q < P; ++q) c[q] += x0[rr * W2 + q];
+      const V m = tile_reduce<P, acc_t>(c) * inv_nf;
+      V e1[P], e2[P];
+      for (int q = 0; q < P; ++q) {
+        const V e = x0[q] - m;
+        e1[q] = e;
+        e2[q] = e * e;
+      }
+      for (int rr = 1; rr < P; ++rr) {
+        for (int q = 0; q < P; ++q) {
+          const V e = x0[rr * W2 + q] - m;
+          e1[q] += e;
+          e2[q] += e * e;
+        }
+      }
+      const V a = tile_reduce<P, acc_t>(e1), b = tile_reduce<P, acc_t>(e2);
+      const V cc = a * inv_nf;
+      const V v = b - a * cc;
+      tm[t] = m;
+      tc[t] = cc;
+      tv[t] = (v < zero) ? zero : v;  // NaN passes through
+    }
+  }
+}
+
+// Per-thread scratch of the block path (vectors of L planes).
+template <typename acc_t>
+struct BlockScratch {
+  typedef typename Vec<acc_t>::type V;
+  std::unique_ptr<V[]> X, tmp, xr, ta, ob, tm, tc, tv;
+  std::vector<acc_t> buf;
+  BlockScratch(int64_t HW, int64_t H, int64_t W2, int64_t HW2, int64_t T)
+      : X(new V[HW]), tmp(new V[H * W2]), xr(new V[HW2]), ta(new V[H * (W2 + 1)]), ob(new V[HW]),
+        tm(new V[T]), tc(new V[T]), tv(new V[T]), buf(Vec<acc_t>::L * HW) {}
+};
+
+// Groups of the forward hand their remainder (fewer than this many planes) to the per-plane path,
+// which a block of that few planes does not beat (both give the same bits).
+constexpr int kMinBlockPlanes = 4;
 
 template <typename scalar_t>
 SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sc,
@@ -1465,11 +1904,16 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
                             double* __restrict gmean, double* __restrict gm2,  // [G*K]
                             int64_t G) {
   using acc_t = acc_t_of<scalar_t>;
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
   const ResizeTab<acc_t> rh(rh_), rw(rw_);
   const int64_t U = B * C, HW = H * W, H2 = rh.n_out, W2 = rw.n_out, ntw = W2 / p, T = (H2 / p) * ntw;
   const double tn = double(p * p);
   const acc_t inv_nf = acc_t(1) / acc_t(p * p);
-  const bool vec = W2 >= Vec<acc_t>::L && (p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32);
+  const bool pow2 = p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32;
+  const bool vec = W2 >= Vec<acc_t>::L && pow2;
+  // Blocks where the per-plane tile kernel is nchw_tilerow_f4 or nchw_tilerow_vec (fixed order).
+  const bool blocks = (std::is_same<acc_t, float>::value && p == 4) || vec;
 #pragma omp parallel
   {
     std::vector<acc_t> xs(HW), tmp(H * W2), xr(H2 * W2), s1(W2), s2(W2), mrow(W2), tmv(T + 8), tcv(T + 8),
@@ -1477,10 +1921,55 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
     acc_t* __restrict tm = tmv.data();
     acc_t* __restrict tc = tcv.data();
     acc_t* __restrict tv = tvv.data();
+    std::unique_ptr<BlockScratch<acc_t>> bs;
+    if (blocks) bs.reset(new BlockScratch<acc_t>(HW, H, W2, H2 * W2, T));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
-      for (int64_t u = u0; u < u1; ++u) {
+      double* __restrict gmu = gmean + g * T;
+      double* __restrict gvu = gm2 + g * T;
+      for (int64_t u = u0; u < u1;) {
+        const int nl = int(std::min<int64_t>(L, u1 - u));
+        if (blocks && nl >= kMinBlockPlanes) {
+          V* __restrict X = bs->X.get();
+          if (ps == 1) prefetch_range(x + (u + nl) * HW, L * HW * int64_t(sizeof(scalar_t)));
+          load_block<scalar_t, acc_t>(X, x, u, nl, C, HW, sc, ps, bs->buf.data());
+          double bmean[L], bm2[L];
+          block_twopass<acc_t>(X, HW, bmean, bm2);
+          V sv = {};
+          for (int l = 0; l < nl; ++l) {
+            umean[u + l] = bmean[l];
+            um2[u + l] = bm2[l];
+            sv[l] = std::isfinite(bmean[l]) ? static_cast<acc_t>(bmean[l]) : acc_t(0);
+          }
+          for (int64_t i = 0; i < HW; ++i) X[i] -= sv;
+          const V* r = resize_block<acc_t>(X, rh, rw, bs->tmp.get(), bs->xr.get());
+          V* __restrict btm = bs->tm.get();
+          V* __restrict btc = bs->tc.get();
+          V* __restrict btv = bs->tv.get();
+          switch (p) {
+            case 1: block_tiles<1, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+            case 2: block_tiles<2, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+            case 4: block_tiles<4, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+            case 8: block_tiles<8, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+            case 16: block_tiles<16, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+            default: block_tiles<32, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
+          }
+          for (int l = 0; l < nl; ++l) {  // planes in order: the streaming merge of the per-plane path
+            const int64_t j = u + l - u0;
+            const double rj = 1.0 / double(j + 1), wgt = tn * double(j) * rj;
+            const double s = double(sv[l]);
+            for (int64_t t = 0; t < T; ++t) {
+              const double mt = s + (double(btm[t][l]) + double(btc[t][l]));
+              const double v = double(btv[t][l]);
+              const double dg = j == 0 ? 0.0 : mt - gmu[t];
+              gmu[t] = j == 0 ? mt : gmu[t] + dg * rj;
+              gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
+            }
+          }
+          u += nl;
+          continue;
+        }
         load_plane<scalar_t, acc_t>(xs.data(), x + (u / C) * C * HW + (u % C) * sc, HW, ps);
         plane_twopass<acc_t, acc_t>(xs.data(), HW, umean + u, um2 + u, 0);
         const acc_t s = std::isfinite(umean[u]) ? static_cast<acc_t>(umean[u]) : acc_t(0);
@@ -1490,8 +1979,6 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
         for (int64_t i = 0; i < H2 / p; ++i)
           nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(),
                                      tm + i * ntw, tc + i * ntw, tv + i * ntw);
-        double* __restrict gmu = gmean + g * T;
-        double* __restrict gvu = gm2 + g * T;
         const int64_t j = u - u0;
         const double rj = 1.0 / double(j + 1), wgt = tn * double(j) * rj;
 #pragma omp simd
@@ -1502,6 +1989,7 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
           gmu[t] = j == 0 ? mt : gmu[t] + dg * rj;
           gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
         }
+        ++u;
       }
     }
   }
@@ -1510,33 +1998,64 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
 // Backward per plane: d = x - M[c] (the channel term S (x - M) and the resize input: x' - M = R_h d
 // R_wᵀ), g' = QM (x' - M) + RM[c] on [H', W'] (per-pixel maps: QM = Q of the pixel's patch, RM[c] =
 // P - Q (pmean - M[c]), both terms O(spread) however large the mean), then dx = A + S d + R_hᵀ g' R_w.
+// In blocks of L consecutive channels of one sample (the last block of a sample padded), RM
+// interleaved per channel block.
 template <typename scalar_t, typename acc_t>
 SM_ATTR void backward_resize(const scalar_t* __restrict x, scalar_t* __restrict dx, int64_t B, int64_t C, int64_t H,
                              int64_t W, int64_t sc, int64_t ps, const sm_common::Resize1D& rh_,
                              const sm_common::Resize1D& rw_, const acc_t* __restrict A, const acc_t* __restrict S,
                              const acc_t* __restrict M, const acc_t* __restrict QM /*[H'W']*/,
                              const acc_t* __restrict RM /*[C*H'W']*/) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int L = Vec<acc_t>::L;
   const ResizeTab<acc_t> rh(rh_), rw(rw_);
-  const int64_t U = B * C, HW = H * W, HW2 = rh.n_out * rw.n_out;
+  const int64_t HW = H * W, HW2 = rh.n_out * rw.n_out, NCB = (C + L - 1) / L, NB = B * NCB;
+  // Both dimensions resized: the fused row / column passes (rh_w: H left alone, for the W pass).
+  const bool both = !rh.id && !rw.id;
+  const sm_common::Resize1D id_h = sm_common::make_resize(H, 1);
+  const ResizeTab<acc_t> rh_w(id_h);
+  std::unique_ptr<V[]> RMt(new V[NCB * HW2]);
+  for (int64_t cb = 0; cb < NCB; ++cb) {
+    for (int64_t i = 0; i < HW2; ++i) {
+      V v = {};
+      for (int l = 0; l < L && cb * L + l < C; ++l) v[l] = RM[(cb * L + l) * HW2 + i];
+      RMt[cb * HW2 + i] = v;
+    }
+  }
 #pragma omp parallel
   {
-    // ta: the adjoint's own scratch (tmp can hold g' when only W is resized)
-    std::vector<acc_t> xs(HW), tmp(H * rw.n_out), xr(HW2), ta(H * (rw.n_out + 1)), ob(HW);
-#pragma omp for schedule(dynamic, std::max<int64_t>(1, U / 256))
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t c = u % C, off = (u / C) * C * HW + c * sc;
-      load_plane<scalar_t, acc_t>(xs.data(), x + off, HW, ps);
-      const acc_t a = A[c], s = S[c], m = M[c];
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) xs[i] -= m;
-      acc_t* __restrict gp = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
-      const acc_t* __restrict rm = RM + c * HW2;
-#pragma omp simd
-      for (int64_t i = 0; i < HW2; ++i) gp[i] = QM[i] * gp[i] + rm[i];
-      const acc_t* __restrict dr = resize_adjoint<acc_t>(gp, rh, rw, ta.data(), ob.data());
-#pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) xs[i] = (a + s * xs[i]) + dr[i];
-      store_plane<scalar_t, acc_t>(dx + off, xs.data(), HW, ps);
+    BlockScratch<acc_t> bs(HW, H, rw.n_out, HW2, 0);
+#pragma omp for schedule(dynamic, std::max<int64_t>(1, NB / 256))
+    for (int64_t k = 0; k < NB; ++k) {
+      const int64_t b = k / NCB, cb = k % NCB, c0 = cb * L, u0 = b * C + c0;
+      const int nl = int(std::min<int64_t>(L, C - c0));
+      V* __restrict X = bs.X.get();
+      if (ps == 1) prefetch_range(x + (u0 + L) * HW, L * HW * int64_t(sizeof(scalar_t)));  // the next block
+      load_block<scalar_t, acc_t>(X, x, u0, nl, C, HW, sc, ps, bs.buf.data());
+      V av = {}, sv = {}, mv = {};
+      for (int l = 0; l < nl; ++l) {
+        av[l] = A[c0 + l];
+        sv[l] = S[c0 + l];
+        mv[l] = M[c0 + l];
+      }
+      for (int64_t i = 0; i < HW; ++i) X[i] -= mv;
+      const V* __restrict rm = RMt.get() + cb * HW2;
+      if (both) {
+        resize_block<acc_t>(X, rh_w, rw, bs.tmp.get(), nullptr);  // along W only: into tmp
+        bwd_rows_block<acc_t>(bs.tmp.get(), rh, rw.n_out, QM, rm, bs.ta.get());
+        switch (rw.ta) {
+          case 2: bwd_cols_block<2, acc_t>(bs.ta.get(), rw.n_out + 1, rw, H, av, sv, X); break;
+          case 3: bwd_cols_block<3, acc_t>(bs.ta.get(), rw.n_out + 1, rw, H, av, sv, X); break;
+          case 4: bwd_cols_block<4, acc_t>(bs.ta.get(), rw.n_out + 1, rw, H, av, sv, X); break;
+          default: bwd_cols_block<0, acc_t>(bs.ta.get(), rw.n_out + 1, rw, H, av, sv, X); break;
+        }
+      } else {
+        V* __restrict gp = resize_block<acc_t>(X, rh, rw, bs.tmp.get(), bs.xr.get());
+        for (int64_t i = 0; i < HW2; ++i) gp[i] = QM[i] * gp[i] + rm[i];
+        const V* __restrict dr = adjoint_block<acc_t>(gp, rh, rw, bs.ta.get(), bs.ob.get());
+        for (int64_t i = 0; i < HW; ++i) X[i] = (av + sv * X[i]) + dr[i];
+      }
+      store_block<scalar_t, acc_t>(dx, X, u0, nl, C, HW, sc, ps, bs.buf.data());
     }
   }
 }

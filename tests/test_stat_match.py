@@ -175,6 +175,60 @@ def test_fused_path_allocates_nothing_activation_sized_but_dx(cache_mb, shape):
         set_cpu_buffer_cache(limit)
 
 
+# CPU resize path: planes go through the kernels in blocks of 8 (float accumulation) / 4 (float64),
+# one plane per SIMD lane, group remainders of < 4 planes through the per-plane kernels. A plane's
+# results must not depend on which planes share its block or on the path that took it.
+RESIZE_BLOCK_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _cpu_ext():
+    from ddfast.backend import cpu_extension
+
+    ext = cpu_extension()
+    if ext is None:
+        pytest.skip("ddfast._C is not built")
+    return ext
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int64 if t.element_size() == 8 else torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("isa", ["auto", "base"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", RESIZE_BLOCK_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 13, 7, 7, 4), (2, 11, 14, 13, 4), (2, 9, 6, 10, 8)], ids=str)
+def test_cpu_resize_plane_results_do_not_depend_on_block_position(shape, dtype, layout, isa, monkeypatch):
+    ext = _cpu_ext()
+    if isa == "base":
+        monkeypatch.setenv("DDFAST_STAT_MATCH_ISA", "base")
+    *dims, p = shape
+    B, C, H, W = dims
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(shape).encode()))
+    x = (torch.randn(*dims, generator=gen, dtype=torch.float64) * 2 + 3).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cm, cm2, pm, _ = ext.stat_match_forward(x, p)
+    gcm, gcv = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
+    gpm, gpv = torch.randn(pm.numel(), generator=gen, dtype=torch.float64), torch.randn(pm.numel(), generator=gen, dtype=torch.float64)
+    counts = (float(B * H * W), float(B * C * p * p))
+    dx = ext.stat_match_backward(x, cm, gcm, gcv, pm, gpm, gpv, p, *counts)
+    # Channel windows shift every plane to other lanes / blocks / the per-plane path (1-3 planes).
+    for c0, c1 in [(1, C), (3, C - 1), (C - 2, C), (2, 3), (0, 5)]:
+        xs = x[:, c0:c1]
+        xs = xs.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else xs.contiguous()
+        scm, scm2, _, _ = ext.stat_match_forward(xs, p)  # channel statistics are per-plane results merged over b
+        assert torch.equal(_bits(scm), _bits(cm[c0:c1])) and torch.equal(_bits(scm2), _bits(cm2[c0:c1])), (c0, c1)
+        sdx = ext.stat_match_backward(xs, cm[c0:c1], gcm[c0:c1], gcv[c0:c1], pm, gpm, gpv, p, *counts)
+        assert torch.equal(_bits(sdx), _bits(dx[:, c0:c1])), (c0, c1)
+    # Every plane a copy of one: block lanes and the per-plane path must give the same tile means.
+    one = x[:1, :1].contiguous()
+    _, _, pm1, _ = ext.stat_match_forward(one, p)
+    for n in (2, 4, 8, 16):  # powers of 2: the final merge's n * mean / n is exact
+        _, _, pmn, _ = ext.stat_match_forward(one.expand(1, n, H, W).contiguous(), p)
+        assert torch.equal(_bits(pmn), _bits(pm1)), n
+
+
 # ----------------------------------------------------------------------------- StatMatcher
 
 
