@@ -84,11 +84,11 @@ def render_perf(cell: dict[str, Any]) -> str:
 def render_reports(cells: list[dict[str, Any]]) -> str:
     """Generative runs from their ``distill`` report.json: per row the DC accuracy of the stored set, the judge's class
     consistency and within-class diversity (the real data's beside it), the generator's pretraining budget and the
-    seconds of each stage."""
+    seconds of each stage; by budget, then IPC."""
     head = ["set", "IPC", "accuracy (DC, hard labels)", "judge: consistency", "judge: diversity (real)",
             "pretraining iterations", "seconds: pretraining / condensation / evaluation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for cell in cells:
+    for cell in sorted(cells, key=lambda c: (c["report"]["method_config"]["gan_iterations"], c["ipc"])):
         rep = cell["report"]
         judge, split = rep.get("judge") or {}, rep.get("time_split_seconds", {})
         stages = [split.get("pretraining", split.get("stage1_gan")), split.get("condensation", split.get("stage2_matching")),
