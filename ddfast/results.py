@@ -103,12 +103,21 @@ def render_reports(cells: list[dict[str, Any]]) -> str:
 
 
 def render_curve(cells: list[dict[str, Any]]) -> str:
-    """The judge's curve over the generator's pretraining, from the run whose pretraining went furthest."""
-    cell = max(cells, key=lambda c: len(c["report"]["pretraining_judge_curve"]))
-    lines = ["| pretraining iteration | judge: consistency | judge: diversity |", "|---|---|---|"]
-    for point in cell["report"]["pretraining_judge_curve"]:
-        lines.append(f"| {point['iteration']} | {point['consistency']:.1f}% | {point['diversity']:.3f} |")
-    return "\n".join(lines) + f"\n\n(from `{cell['file']}`)"
+    """The judge's curves over the generators' pretraining: one column pair per run, leaving out a run whose curve
+    is the start of another's (the same training, stopped earlier)."""
+    curves = [(c, c["report"]["pretraining_judge_curve"]) for c in cells]
+    kept = [(c, curve) for c, curve in curves
+            if not any(len(other) > len(curve) and other[:len(curve)] == curve for _, other in curves)]
+    iterations = sorted({p["iteration"] for _, curve in kept for p in curve})
+    head = ["pretraining iteration"] + [f"{c['row']}: {what}" for c, _ in kept for what in ("consistency", "diversity")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for it in iterations:
+        line = [str(it)]
+        for _, curve in kept:
+            point = next((p for p in curve if p["iteration"] == it), None)
+            line += [f"{point['consistency']:.1f}%", f"{point['diversity']:.3f}"] if point else ["", ""]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n\n(from " + ", ".join(f"`{c['file']}`" for c, _ in kept) + ")"
 
 
 def render(table: str, cells: list[dict[str, Any]]) -> str:

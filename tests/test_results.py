@@ -60,7 +60,11 @@ def test_generative_reports_give_accuracy_judge_budget_and_the_longest_curve():
              for n, curve in ((1000, [(0, 10.0, 0.001), (1000, 83.0, 0.46)]), (2000, [(0, 10.0, 0.001), (1000, 83.0, 0.46), (2000, 88.0, 0.5)]))]
     text = results.render("g", cells)
     assert "| dcgm | 10 | 70.00 ± 0.50 | 76.0% | 0.682 (0.683) | 1000 | 100 / 20 / 30 |" in text
-    curve = results.render("g.curve", cells)
-    assert "| 2000 | 88.0% | 0.500 |" in curve and "results/g/2000.json" in curve
+    curve = results.render("g.curve", cells)  # the 1000-iteration curve is the start of the 2000-iteration one
+    assert "| 2000 | 88.0% | 0.500 |" in curve and "results/g/2000.json" in curve and "1000.json" not in curve
+    other = {**cells[0], "row": "other", "file": "results/g/o.json",
+             "report": report(1000, [(0, 10.0, 0.001), (1000, 50.0, 0.7)])}
+    both = results.render("g.curve", [*cells, other])
+    assert "| 1000 | 83.0% | 0.460 | 50.0% | 0.700 |" in both and "| 2000 | 88.0% | 0.500 |  |  |" in both
     with pytest.raises(ValueError, match="unknown view"):
         results.render("g.other", cells)
