@@ -104,10 +104,10 @@ def render_reports(cells: list[dict[str, Any]]) -> str:
 
 def render_curve(cells: list[dict[str, Any]]) -> str:
     """The judge's curves over the generators' pretraining: one column pair per run, leaving out a run whose curve
-    is the start of another's (the same training, stopped earlier)."""
+    is the start of another's (the same training, stopped earlier) or equal to an earlier one's (one generator, two IPCs)."""
     curves = [(c, c["report"]["pretraining_judge_curve"]) for c in cells]
-    kept = [(c, curve) for c, curve in curves
-            if not any(len(other) > len(curve) and other[:len(curve)] == curve for _, other in curves)]
+    kept = [(c, curve) for i, (c, curve) in enumerate(curves)
+            if not any(other[:len(curve)] == curve and (len(other) > len(curve) or j < i) for j, (_, other) in enumerate(curves))]
     iterations = sorted({p["iteration"] for _, curve in kept for p in curve})
     head = ["pretraining iteration"] + [f"{c['row']}: {what}" for c, _ in kept for what in ("consistency", "diversity")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

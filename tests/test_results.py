@@ -64,7 +64,7 @@ def test_generative_reports_give_accuracy_judge_budget_and_the_longest_curve():
     assert "| 2000 | 88.0% | 0.500 |" in curve and "results/g/2000.json" in curve and "1000.json" not in curve
     other = {**cells[0], "row": "other", "file": "results/g/o.json",
              "report": report(1000, [(0, 10.0, 0.001), (1000, 50.0, 0.7)])}
-    both = results.render("g.curve", [*cells, other])
-    assert "| 1000 | 83.0% | 0.460 | 50.0% | 0.700 |" in both and "| 2000 | 88.0% | 0.500 |  |  |" in both
+    both = results.render("g.curve", [*cells, other, {**other, "file": "results/g/o2.json"}])  # o2: o's generator at another IPC
+    assert "| 1000 | 83.0% | 0.460 | 50.0% | 0.700 |" in both and "| 2000 | 88.0% | 0.500 |  |  |" in both and "o2.json" not in both
     with pytest.raises(ValueError, match="unknown view"):
         results.render("g.other", cells)
