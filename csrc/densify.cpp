@@ -15,14 +15,22 @@
 //   1. X̂ in class order, contiguous per class: pooling (separable bin sums; integer factors take a
 //      fast path), or a row gather when H = W = pool (skipped when the labels are already sorted);
 //   2. Gram: OpenMP work items = (class, block of 4 rows) -> lower triangle, accumulated in float64
-//      (float inputs: 8-wide fp32 FMAs over chunks of 64 elements, each chunk added in float64);
-//   3. eigensolve in float64, the class loss and 2·dG: classes of >= kLapackMinN images through direct
-//      LAPACK dsyevd calls spread over the threads, smaller ones through the one-sided parallel-order
-//      Jacobi solver (csrc/jacobi.h, AVX2 copy when the CPU has it; the GPU kernel's algorithm);
+//      (float inputs: fp32 FMAs, 8 products per lane and chunk, each chunk added in float64; AVX-512
+//      kernel where the CPU has it, else AVX2);
+//   3. eigensolve in float64, the class loss and the gradient factors: classes of >= kLapackMinN images
+//      through our QL solver (tred2 + tql2; direct LAPACK dsyevd calls above kQlMaxN images) spread
+//      over the threads, smaller ones through the one-sided parallel-order Jacobi solver (csrc/jacobi.h,
+//      AVX2 copies when the CPU has it; the Jacobi solver is the GPU kernel's algorithm);
 //   4+5. per block of rows of a class: dX̂ = 2 dG_k X̂_k (one single-threaded BLAS GEMM, written
-//      straight into dimages when X̂ is the images in batch order), then back to image order while the
+//      straight into dimages when X̂ is the images in batch order; as A_k (V_rᵀ X̂_k) when only r <= n/3
+//      eigenvalues have a non-negligible dλ, see loss_and_coef), then back to image order while the
 //      block is in cache: adaptive-pooling backward (integer factors write each pixel once; 2 x 2 with
-//      streaming stores) or a row copy.
+//      streaming stores) or a row copy. Float 2 x 2 pooling with a truncated gradient on an AVX-512
+//      CPU: one fused kernel instead (fused_dx_pool2x2_avx512: Y = V_rᵀ X̂ per piece of 32 columns in
+//      L1, A Y into registers, straight to the pixels).
+// Case (c) of perf/test_densify.py (10 classes x 50, 3x64x64), one core, shared machine: pooling 1.5,
+// Gram 1.3, eigensolves 1.0, dX̂ + pooling backward 1.1 ms (before the QL solver, the truncated
+// gradient and the fused kernel: eigensolves 1.9 (MKL dsyevd), dX̂ GEMM 2.3, pooling backward 0.9).
 // Schedules: with at least two classes per thread and enough work, each thread takes whole classes
 // through phases 1-5 (no barriers; measured 5-8% faster on 10 classes x 50 and 20-40% on 100 x 10,
 // 2 threads); otherwise phase by phase over all classes, a phase on several threads only when its work
@@ -34,7 +42,7 @@
 // Ragged classes are exact (each class is its own n_k x n_k problem, no padding); a class of one
 // image contributes 0. NaN/Inf images (or a Gram matrix that overflows) raise ValueError before any
 // eigensolve; a class whose Jacobi iteration hits max_sweeps is reported in the status tensor
-// (LAPACK classes report 0 and raise if LAPACK fails).
+// (QL/LAPACK classes report 0 and raise if the solver fails).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -84,10 +92,15 @@ constexpr int64_t kDxRows = 32;
 // below it the fork/join costs more than it saves. (On a machine shared with a background job a join
 // can wait a whole scheduler slice for a descheduled thread; measured ~12 ms on 2 busy cores.)
 constexpr double kParallelWork = 4e6;
+// Gram: float products are summed in fp32 lanes over chunks of kGramChunk elements (8 per lane), each
+// chunk then added in float64. (128 or 256 would make the AVX2 Gram 15-20% faster, the float64 flushes
+// being a third of its instructions, but measured over 80 random batches they raise the float32 loss
+// error vs float64 from 3.9e-7 to 5.1e-7 / 1.1e-6 median and its maximum 2-3x, near the tests' 1e-5.)
 constexpr int64_t kGramChunk = 64;
-// Classes of at least this many images are solved with LAPACK, smaller ones with the Jacobi solver
-// (measured per matrix on one core: Jacobi 3.7 vs 5.9 us at n = 4, 13.0 vs 13.6 us at n = 8,
-// 24.5 vs 19.2 us at n = 10).
+// Classes of at least this many images are solved with the QL solver (or LAPACK), smaller ones with the
+// Jacobi solver, whose sweep count is the status the Python side warns on (measured per matrix on one
+// core: Jacobi 3.7 vs 5.9 us (MKL dsyevd) at n = 4, 13.0 vs 13.6 us at n = 8, 24.5 vs 19.2 us at n = 10;
+// the QL solver: 2.9 us at n = 9, 3.5 us at n = 10).
 constexpr int64_t kLapackMinN = 9;
 
 // ------------------------------------------------------------------------------------ ISA choice
@@ -102,6 +115,16 @@ inline bool use_avx2() {
 #ifdef DDFAST_DENSIFY_X86
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok && !portable_only();
+#else
+  return false;
+#endif
+}
+
+// the float Gram's AVX-512 kernel, used where the AVX2 path is (avx2 true) and the CPU has AVX-512F
+inline bool cpu_avx512() {
+#ifdef DDFAST_DENSIFY_X86
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
 #else
   return false;
 #endif
@@ -149,14 +172,15 @@ DDFAST_AVX2 inline double hsum_pd(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
 }
 
-// float rows: 4 rows x 2 columns per pass, 8-wide fp32 FMAs, flushed to float64 every 64 elements.
-// Two columns give 8 independent FMA chains (one column's 4 chains were latency-bound); a span of
+// float rows: 4 rows x 3 columns per pass, 8-wide fp32 FMAs, flushed to float64 every kGramChunk
+// elements. Three columns give 12 independent FMA chains in 16 registers with 7 loads per 12 FMAs
+// (two columns: 8 chains, 6 loads per 8 FMAs, 4% slower; one column's 4 chains were latency-bound); a span of
 // kGramSpan elements of the block's 4 rows (16 KiB) stays in L1 while up to kGramCols columns stream
 // past it, their float64 partial sums (8 KiB) in L1 too. Measured on one core, 10 classes x 50 x 3072:
-// 4.9-5.4 -> 3.6-4.8 ms over the plain loop (noisy shared machine; the L1 blocking alone and longer
-// fp32 chunks made no measurable difference: the loop is bound by loads, hence one load per a-vector).
+// 4.9-5.4 -> 3.6-4.8 ms over the plain loop (noisy shared machine), 1.43 -> 1.36 ms from 2 to 3 columns
+// (microbenchmark, min of 60). Longer fp32 chunks would be faster (see kGramChunk) but less accurate.
 // The additions happen in the same order as the plain loop, so results do not depend on the blocking.
-constexpr int kGramCols = 64;
+constexpr int kGramCols = 66;  // a multiple of 3
 constexpr int64_t kGramSpan = 1024;  // a multiple of kGramChunk
 
 // adds a chunk's 8 fp32 lane sums to 4 float64 lanes (low half, then high half)
@@ -177,26 +201,29 @@ DDFAST_AVX2 void gram_block_avx2<float>(const float* const* rows_blk, int nr, co
       for (int r = 0; r < kRowBlock; ++r) tot[c][r] = _mm256_setzero_pd();
     for (int64_t s0 = 0; s0 < D8; s0 += kGramSpan) {
       const int64_t s1 = std::min(D8, s0 + kGramSpan);
-      for (int c = 0; c < jn; c += 2) {  // two columns: 8 independent FMA chains hide the FMA latency
-        const bool pair = c + 1 < jn;  // an odd last column runs paired with itself, its twin discarded
+      for (int c = 0; c < jn; c += 3) {  // three columns: 12 independent FMA chains hide the FMA latency
+        const int cn = std::min(3, jn - c);  // a short last group repeats its last column, discarded
         const float* b0 = rows[j0 + c];
-        const float* b1 = pair ? rows[j0 + c + 1] : b0;
+        const float* b1 = rows[j0 + c + std::min(1, cn - 1)];
+        const float* b2 = rows[j0 + c + cn - 1];
         for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk) {
           const int64_t e = std::min(s1, d0 + kGramChunk);
-          __m256 acc0[kRowBlock], acc1[kRowBlock];
-          for (int r = 0; r < kRowBlock; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+          __m256 acc0[kRowBlock], acc1[kRowBlock], acc2[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) acc0[r] = acc1[r] = acc2[r] = _mm256_setzero_ps();
           for (int64_t d = d0; d < e; d += 8) {
-            const __m256 bv0 = _mm256_loadu_ps(b0 + d), bv1 = _mm256_loadu_ps(b1 + d);
+            const __m256 bv0 = _mm256_loadu_ps(b0 + d), bv1 = _mm256_loadu_ps(b1 + d), bv2 = _mm256_loadu_ps(b2 + d);
             for (int r = 0; r < kRowBlock; ++r) {
               __m256 av = _mm256_loadu_ps(a[r] + d);
-              asm("" : "+x"(av));  // one load for both FMAs (GCC would fold it into each: 10 loads per 8 FMAs)
+              asm("" : "+x"(av));  // one load for the three FMAs (GCC would fold it into each)
               acc0[r] = _mm256_fmadd_ps(av, bv0, acc0[r]);
               acc1[r] = _mm256_fmadd_ps(av, bv1, acc1[r]);
+              acc2[r] = _mm256_fmadd_ps(av, bv2, acc2[r]);
             }
           }
           for (int r = 0; r < kRowBlock; ++r) {
             flush_chunk(acc0[r], &tot[c][r]);
-            if (pair) flush_chunk(acc1[r], &tot[c + 1][r]);
+            if (cn > 1) flush_chunk(acc1[r], &tot[c + 1][r]);
+            if (cn > 2) flush_chunk(acc2[r], &tot[c + 2][r]);
           }
         }
       }
@@ -272,12 +299,189 @@ DDFAST_AVX2 void pool_backward_2x2_avx2(const float* g, int64_t C, int64_t P, fl
   }
 }
 
+// The float Gram with AVX-512 (Zen 4, Intel server cores): 4 rows x 4 columns per pass, 16-wide fp32
+// FMAs in 16 of the 32 registers (8 loads per 16 FMAs), flushed to float64 every kGramChunk512 elements:
+// 8 products per fp32 lane as in the AVX2 kernel (the same rounding behaviour), half the instructions
+// of the AVX2 kernel per multiply-add (which was bound by instruction throughput, its float64 flushes a
+// third of them). Blocking and summation order per entry as in the AVX2 kernel, except for the lane
+// width, so the results do not depend on the blocking either.
+constexpr int kGramCols512 = 64;  // a multiple of 4
+constexpr int64_t kGramChunk512 = 128;
+
+#define DDFAST_AVX512 __attribute__((target("avx512f,avx2,fma")))
+DDFAST_AVX512 inline void flush_chunk512(__m512 acc, __m512d* tot) {
+  *tot = _mm512_add_pd(*tot, _mm512_cvtps_pd(_mm512_castps512_ps256(acc)));
+  *tot = _mm512_add_pd(*tot, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
+}
+
+DDFAST_AVX512 void gram_block_avx512(const float* const* rows_blk, int nr, const float* const* rows, int nj, int64_t D,
+                                     double* out, int ldo) {
+  const float* a[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) a[r] = rows_blk[r < nr ? r : nr - 1];
+  const int64_t D16 = D & ~int64_t(15);
+  __m512d tot[kGramCols512][kRowBlock];
+  for (int j0 = 0; j0 < nj; j0 += kGramCols512) {
+    const int jn = std::min(kGramCols512, nj - j0);
+    for (int c = 0; c < jn; ++c)
+      for (int r = 0; r < kRowBlock; ++r) tot[c][r] = _mm512_setzero_pd();
+    for (int64_t s0 = 0; s0 < D16; s0 += kGramSpan) {
+      const int64_t s1 = std::min(D16, s0 + kGramSpan);
+      for (int c = 0; c < jn; c += 4) {
+        const int cn = std::min(4, jn - c);  // a short last group repeats its last column, discarded
+        const float* b0 = rows[j0 + c];
+        const float* b1 = rows[j0 + c + std::min(1, cn - 1)];
+        const float* b2 = rows[j0 + c + std::min(2, cn - 1)];
+        const float* b3 = rows[j0 + c + cn - 1];
+        for (int64_t d0 = s0; d0 < s1; d0 += kGramChunk512) {
+          const int64_t e = std::min(s1, d0 + kGramChunk512);
+          __m512 acc0[kRowBlock], acc1[kRowBlock], acc2[kRowBlock], acc3[kRowBlock];
+          for (int r = 0; r < kRowBlock; ++r) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_ps();
+          for (int64_t d = d0; d < e; d += 16) {
+            const __m512 bv0 = _mm512_loadu_ps(b0 + d), bv1 = _mm512_loadu_ps(b1 + d);
+            const __m512 bv2 = _mm512_loadu_ps(b2 + d), bv3 = _mm512_loadu_ps(b3 + d);
+            for (int r = 0; r < kRowBlock; ++r) {
+              __m512 av = _mm512_loadu_ps(a[r] + d);
+              asm("" : "+v"(av));  // one load for the four FMAs
+              acc0[r] = _mm512_fmadd_ps(av, bv0, acc0[r]);
+              acc1[r] = _mm512_fmadd_ps(av, bv1, acc1[r]);
+              acc2[r] = _mm512_fmadd_ps(av, bv2, acc2[r]);
+              acc3[r] = _mm512_fmadd_ps(av, bv3, acc3[r]);
+            }
+          }
+          for (int r = 0; r < kRowBlock; ++r) {
+            flush_chunk512(acc0[r], &tot[c][r]);
+            if (cn > 1) flush_chunk512(acc1[r], &tot[c + 1][r]);
+            if (cn > 2) flush_chunk512(acc2[r], &tot[c + 2][r]);
+            if (cn > 3) flush_chunk512(acc3[r], &tot[c + 3][r]);
+          }
+        }
+      }
+    }
+    for (int c = 0; c < jn; ++c) {
+      const float* b = rows[j0 + c];
+      for (int r = 0; r < nr; ++r) {
+        double s = _mm512_reduce_add_pd(tot[c][r]);
+        for (int64_t d = D16; d < D; ++d) s += double(a[r][d]) * double(b[d]);
+        out[r * ldo + j0 + c] = s;
+      }
+    }
+  }
+}
+
+// dX̂_k = A_k (V_rᵀ X̂_k) fused with the 2 x 2 pooling backward (float, AVX-512, classes with a truncated
+// gradient, H = W = 2P, P a multiple of 32): per piece of 32 pooled columns of one pooled row, Y = V_rᵀ
+// X̂[:, piece] (r x 32, in L1), then for 8 images at a time their 32 dX̂ values (16 accumulators) go
+// straight to the 2 x 64 pixels they cover (streaming stores). No dX̂ buffer, no separate BLAS calls;
+// the multiply-adds overlap the image writes. Sums over j (n) and t (r) in fp32, in index order.
+template <int TB>
+DDFAST_AVX512 inline void fused_y_block(const float* bt, int n, const float* const* xrows, int64_t q, float* y) {
+  __m512 acc[TB][2];
+  for (int t = 0; t < TB; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m512 x0 = _mm512_loadu_ps(xrows[j] + q), x1 = _mm512_loadu_ps(xrows[j] + q + 16);
+    _mm_prefetch(reinterpret_cast<const char*>(xrows[j] + q + 64), _MM_HINT_T0);  // two pieces ahead
+    _mm_prefetch(reinterpret_cast<const char*>(xrows[j] + q + 80), _MM_HINT_T0);
+    for (int t = 0; t < TB; ++t) {
+      const __m512 b = _mm512_set1_ps(bt[t * n + j]);
+      acc[t][0] = _mm512_fmadd_ps(b, x0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(b, x1, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    _mm512_storeu_ps(y + t * 32, acc[t][0]);
+    _mm512_storeu_ps(y + t * 32 + 16, acc[t][1]);
+  }
+}
+
+template <int IB>
+DDFAST_AVX512 inline void fused_dx_block(const float* a, int r, const float* y, float* const* dst, int64_t W,
+                                         bool stream) {
+  __m512 acc[IB][2];
+  for (int i = 0; i < IB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int t = 0; t < r; ++t) {
+    const __m512 y0 = _mm512_loadu_ps(y + t * 32), y1 = _mm512_loadu_ps(y + t * 32 + 16);
+    for (int i = 0; i < IB; ++i) {
+      const __m512 b = _mm512_set1_ps(a[i * r + t]);
+      acc[i][0] = _mm512_fmadd_ps(b, y0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(b, y1, acc[i][1]);
+    }
+  }
+  const __m512 quarter = _mm512_set1_ps(0.25f);
+  const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  for (int i = 0; i < IB; ++i) {
+    const __m512 v0 = _mm512_mul_ps(acc[i][0], quarter), v1 = _mm512_mul_ps(acc[i][1], quarter);
+    const __m512 p0 = _mm512_permutexvar_ps(lo, v0), p1 = _mm512_permutexvar_ps(hi, v0);
+    const __m512 p2 = _mm512_permutexvar_ps(lo, v1), p3 = _mm512_permutexvar_ps(hi, v1);
+    float* r0 = dst[i];
+    float* r1 = r0 + W;
+    if (stream) {
+      _mm512_stream_ps(r0, p0), _mm512_stream_ps(r0 + 16, p1), _mm512_stream_ps(r0 + 32, p2), _mm512_stream_ps(r0 + 48, p3);
+      _mm512_stream_ps(r1, p0), _mm512_stream_ps(r1 + 16, p1), _mm512_stream_ps(r1 + 32, p2), _mm512_stream_ps(r1 + 48, p3);
+    } else {
+      _mm512_storeu_ps(r0, p0), _mm512_storeu_ps(r0 + 16, p1), _mm512_storeu_ps(r0 + 32, p2), _mm512_storeu_ps(r0 + 48, p3);
+      _mm512_storeu_ps(r1, p0), _mm512_storeu_ps(r1 + 16, p1), _mm512_storeu_ps(r1 + 32, p2), _mm512_storeu_ps(r1 + 48, p3);
+    }
+  }
+}
+
+// pieces [ch0, ch1) of one class: piece ch = (channel c, pooled row oh, 32-column part p), in that order.
+// a: A (n x r), bt: V_rᵀ (r x n), xrows: the class's n rows of X̂, img: its n images (C x 2P x 2P),
+// ybuf: r x 32 floats. The caller issues the store fence.
+DDFAST_AVX512 void fused_dx_pool2x2_avx512(const float* a, const float* bt, int n, int r, const float* const* xrows,
+                                           float* const* img, int64_t C, int64_t P, int64_t ch0, int64_t ch1,
+                                           float* ybuf) {
+  (void)C;
+  const int64_t parts = P / 32, W = 2 * P;
+  bool stream = W % 16 == 0;
+  for (int i = 0; i < n; ++i) stream = stream && reinterpret_cast<uintptr_t>(img[i]) % 64 == 0;
+  float* dst[8];
+  for (int64_t ch = ch0; ch < ch1; ++ch) {
+    const int64_t p = ch % parts, row = ch / parts;  // row = c * P + oh
+    const int64_t c = row / P, oh = row % P;
+    const int64_t q = row * P + 32 * p;
+    for (int t0 = 0; t0 < r; t0 += 8) {
+      const float* b = bt + size_t(t0) * n;
+      float* y = ybuf + t0 * 32;
+      switch (std::min(8, r - t0)) {
+        case 8: fused_y_block<8>(b, n, xrows, q, y); break;
+        case 7: fused_y_block<7>(b, n, xrows, q, y); break;
+        case 6: fused_y_block<6>(b, n, xrows, q, y); break;
+        case 5: fused_y_block<5>(b, n, xrows, q, y); break;
+        case 4: fused_y_block<4>(b, n, xrows, q, y); break;
+        case 3: fused_y_block<3>(b, n, xrows, q, y); break;
+        case 2: fused_y_block<2>(b, n, xrows, q, y); break;
+        default: fused_y_block<1>(b, n, xrows, q, y); break;
+      }
+    }
+    const int64_t pix = (c * 2 * P + 2 * oh) * W + 64 * p;
+    for (int i0 = 0; i0 < n; i0 += 8) {
+      const int ib = std::min(8, n - i0);
+      for (int i = 0; i < ib; ++i) dst[i] = img[i0 + i] + pix;
+      const float* ai = a + size_t(i0) * r;
+      switch (ib) {
+        case 8: fused_dx_block<8>(ai, r, ybuf, dst, W, stream); break;
+        case 7: fused_dx_block<7>(ai, r, ybuf, dst, W, stream); break;
+        case 6: fused_dx_block<6>(ai, r, ybuf, dst, W, stream); break;
+        case 5: fused_dx_block<5>(ai, r, ybuf, dst, W, stream); break;
+        case 4: fused_dx_block<4>(ai, r, ybuf, dst, W, stream); break;
+        case 3: fused_dx_block<3>(ai, r, ybuf, dst, W, stream); break;
+        case 2: fused_dx_block<2>(ai, r, ybuf, dst, W, stream); break;
+        default: fused_dx_block<1>(ai, r, ybuf, dst, W, stream); break;
+      }
+    }
+  }
+}
+
 #endif
 
 template <typename T>
 void gram_block(bool avx2, const T* const* rows_blk, int nr, const T* const* rows, int nj, int64_t D, double* out,
                 int ldo) {
 #ifdef DDFAST_DENSIFY_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2 && cpu_avx512()) return gram_block_avx512(rows_blk, nr, rows, nj, D, out, ldo);
+  }
   if (avx2) return gram_block_avx2<T>(rows_blk, nr, rows, nj, D, out, ldo);
 #endif
   (void)avx2;
@@ -513,15 +717,55 @@ int eigh_one(bool avx2, int lanes, const T* a, int n, T* w, T* vt, int max_sweep
 struct ClassResult {
   double loss = 0.0;
   int status = 0;
+  int rank = 0;  // terms kept in the gradient (see loss_and_coef); 0: coef is the full n x n 2 dG
 };
 
-// The class loss from its eigenvalues w (n) and, with a gradient, coef = 2 dG = 2 Σ_i dλ_i v_i v_iᵀ
-// (v_i = row i of vt).
+// Gradient terms below this fraction of the largest are dropped (see loss_and_coef): far below the
+// rounding of the output precision (float: 2^-30 · sqrt(n) of ‖dX̂‖ at most vs fp32 eps 2^-24).
+// Smaller classes keep the one n x n GEMM (two GEMMs of inner size r <= 3 are no faster at n = 10).
+constexpr int kLowRankMinN = 20;
 template <typename T>
-double loss_and_coef(const double* w, const double* vt, int n, double tau, T* coef) {
+constexpr double kTermDrop = std::is_same_v<T, float> ? 0x1p-30 : 0x1p-60;
+
+// The class loss from its eigenvalues w (n) and, with a gradient, the factors of
+// 2 dG X̂ = Σ_i 2 dλ_i v_i (v_iᵀ X̂)  (v_i = row i of vt) in coef (n x n slots).
+// The terms are orthogonal (Frobenius) with norms 2 |dλ_i| sqrt(λ_i), and dλ = q − p is negligible for
+// all but the top eigenvalues when the spectrum is wide compared with τ (the usual case: case (c) keeps
+// 8-11 of 50): terms below kTermDrop<T> times the largest norm are dropped, so the dropped part is at
+// most sqrt(n) · kTermDrop<T> of ‖dX̂‖ (below the output's rounding). With r kept terms, 3r <= n and
+// n >= kLowRankMinN, coef holds A = [2 dλ_j v_j] (n x r, row-major) followed by Vᵀ = [v_j] (r x n), and
+// the caller computes dX̂ = A (Vᵀ X̂) in 2 n r D multiply-adds instead of n² D (rank = r; case (c): the
+// dX̂ GEMMs 2.3 -> 1.5 ms on one core); otherwise coef = 2 dG (rank 0).
+template <typename T>
+double loss_and_coef(const double* w, const double* vt, int n, double tau, T* coef, int* rank) {
   std::vector<double> dlam(n);
   const double loss = jacobi::softmax_kl<double>(w, n, tau, coef ? dlam.data() : nullptr);
+  *rank = 0;
   if (!coef) return loss;
+  std::vector<double> term(n);
+  double tmax = 0.0;
+  for (int i = 0; i < n; ++i) {
+    term[i] = std::abs(dlam[i]) * std::sqrt(std::max(w[i], 0.0));
+    tmax = std::max(tmax, term[i]);
+  }
+  std::vector<int> keep;
+  for (int i = 0; i < n; ++i)
+    if (term[i] > kTermDrop<T> * tmax) keep.push_back(i);
+  const int r = int(keep.size());
+  if (r > 0 && 3 * r <= n && n >= kLowRankMinN) {
+    T* a = coef;
+    T* bt = coef + size_t(n) * r;
+    for (int j = 0; j < r; ++j) {
+      const double* v = vt + size_t(keep[j]) * n;
+      const double s = 2.0 * dlam[keep[j]];
+      for (int row = 0; row < n; ++row) {
+        a[size_t(row) * r + j] = T(s * v[row]);
+        bt[size_t(j) * n + row] = T(v[row]);
+      }
+    }
+    *rank = r;
+    return loss;
+  }
   std::vector<double> dg(size_t(n) * n, 0.0);
   for (int i = 0; i < n; ++i) {
     const double* v = vt + size_t(i) * n;
@@ -550,27 +794,33 @@ ClassResult solve_class_jacobi(bool avx2, const double* gram, int n, double tau,
   symmetrize(gram, n, a.data());
   res.status = eigh_one<double>(avx2, 1, a.data(), n, w.data(), vt.data(), max_sweeps, 0.0);
   if (res.status == jacobi::kNonFinite) return res;
-  res.loss = loss_and_coef<T>(w.data(), vt.data(), n, tau, coef);
+  res.loss = loss_and_coef<T>(w.data(), vt.data(), n, tau, coef, &res.rank);
   return res;
 }
 
-// Classes of n >= kLapackMinN images: float64 LAPACK divide and conquer (dsyevd; measured 6x faster
-// than the Jacobi solver at n = 50, 12x at n = 128, on one core). Status 0 for these classes; LAPACK
-// failures raise. dsyevd is called directly, one matrix at a time, from inside an OpenMP region (so
-// MKL runs it on one thread): torch.linalg.eigh adds copies per call, and a multi-threaded MKL makes a
-// 50 x 50 solve slower (measured 533 vs 351 us per matrix with 2 threads); the classes are spread
-// over the OpenMP threads instead. Without a dsyevd symbol in the process (a torch build on another
-// LAPACK), or with DDFAST_DENSIFY_ISA=base, the classes go through one batched at::linalg_eigh per
-// class size.
+// Classes of n >= kLapackMinN images: the QL solver below (tred2 + tql2, float64) up to kQlMaxN images,
+// LAPACK divide and conquer (dsyevd) above, one matrix at a time on one thread, the classes spread over
+// the OpenMP threads. Status 0 for these classes; a failure raises. (dsyevd was measured 6x faster than
+// the Jacobi solver at n = 50, 12x at n = 128; the QL solver is 2-4x faster than a direct MKL dsyevd
+// call up to n = 100, equal at n = 128.) dsyevd is called directly from inside an OpenMP region (so MKL
+// runs it on one thread): torch.linalg.eigh adds copies per call, and a multi-threaded MKL makes a
+// 50 x 50 solve slower (measured 533 vs 351 us per matrix with 2 threads). With DDFAST_DENSIFY_ISA=base
+// the classes go through one batched at::linalg_eigh per class size.
 extern "C" {
 void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w, double* work,
              const int* lwork, int* iwork, const int* liwork, int* info, size_t jobz_len, size_t uplo_len)
     __attribute__((weak));
 }
 
-// Estimated microseconds of one n x n eigensolve with vectors on one core (fit of direct dsyevd calls,
-// MKL: 13 us at n = 10, 42 us at n = 20, 191 us at n = 50, 1.24 ms at n = 128).
-inline double lapack_us(int64_t n) { return 5.0 + 0.075 * double(n) * double(n); }
+constexpr int64_t kQlMaxN = 128;
+
+// Estimated microseconds of one n x n eigensolve with vectors on one core: the QL solver (3.5 us at
+// n = 10, 13 us at n = 20, 92 us at n = 50, 515 us at n = 100, AVX2) and above kQlMaxN direct dsyevd
+// calls (MKL: 13 us at n = 10, 42 us at n = 20, 191 us at n = 50, 1.24 ms at n = 128).
+inline double lapack_us(int64_t n) {
+  const double x = double(n);
+  return n <= kQlMaxN ? 1.0 + 0.01 * x * x + 0.00075 * x * x * x : 5.0 + 0.075 * x * x;
+}
 
 // eigenvalues (ascending) into w and eigenvectors as the rows of a (n x n, symmetric input) via dsyevd
 inline void dsyevd_rows(double* a, int n, double* w, std::vector<double>* work, std::vector<int>* iwork) {
@@ -586,7 +836,202 @@ inline void dsyevd_rows(double* a, int n, double* w, std::vector<double>* work, 
   if (info != 0) throw std::runtime_error("densify_loss: LAPACK dsyevd failed (info " + std::to_string(info) + ")");
 }
 
-// workspace of one thread's dsyevd calls
+// ------------------------------------------------------------------------------ QL eigensolver
+// Symmetric eigendecomposition for the classes of >= kLapackMinN images: Householder reduction to
+// tridiagonal form, accumulation of the transformations, implicit QL with Wilkinson-type shifts
+// (EISPACK tred2 + tql2, as in the public-domain JAMA), all in float64 on one thread. It works on
+// W = Vᵀ, so every inner loop runs along a contiguous row (vectorized: n = 50 is 20 KB, in L1) and
+// the eigenvectors come out as the rows of W, the layout loss_and_coef takes. Measured per 50 x 50
+// matrix on one core: ~4x faster than a direct MKL dsyevd call (whose fixed costs dominate at this
+// size) with the same backward stability (orthogonal transformations only).
+
+// sqrt(x² + y²) without overflow or underflow of the squares
+inline double safe_hypot(double x, double y) {
+  x = std::abs(x);
+  y = std::abs(y);
+  const double a = std::max(x, y), b = std::min(x, y);
+  if (a == 0.0) return 0.0;
+  const double t = b / a;
+  return a * std::sqrt(1.0 + t * t);
+}
+
+// the QL rotation's radius: sqrt(p² + e²) directly (the latency of the rotation recurrence bounds the
+// QL sweeps), safe_hypot when the squares would leave the normal range
+inline __attribute__((always_inline)) double fast_hypot(double x, double y) {
+  const double r2 = x * x + y * y;
+  if (__builtin_expect(r2 > 0x1p-1000 && r2 < 0x1p+1000, 1)) return std::sqrt(r2);
+  return safe_hypot(x, y);
+}
+
+// a (n x n, symmetric, row-major) -> rows of a = orthonormal eigenvectors, w = eigenvalues ascending.
+// e: n doubles of scratch. Returns false when the QL iteration does not converge (30 n iterations).
+inline __attribute__((always_inline)) bool eigh_ql_generic(double* a, int n, double* w, double* e) {
+  double* d = w;
+  const auto W = [a, n](int r, int c) -> double& { return a[size_t(r) * n + c]; };  // W = Vᵀ
+  // tred2 with V[k][j] -> W(j, k)
+  for (int j = 0; j < n; ++j) d[j] = W(j, n - 1);
+  for (int i = n - 1; i > 0; --i) {
+    double scale = 0.0, h = 0.0;
+    for (int k = 0; k < i; ++k) scale += std::abs(d[k]);
+    if (scale == 0.0) {
+      e[i] = d[i - 1];
+      for (int j = 0; j < i; ++j) {
+        d[j] = W(j, i - 1);
+        W(j, i) = 0.0;
+        W(i, j) = 0.0;
+      }
+    } else {
+      for (int k = 0; k < i; ++k) {
+        d[k] /= scale;
+        h += d[k] * d[k];
+      }
+      double f = d[i - 1];
+      double g = std::sqrt(h);
+      if (f > 0) g = -g;
+      e[i] = scale * g;
+      h -= f * g;
+      d[i - 1] = f - g;
+      for (int j = 0; j < i; ++j) e[j] = 0.0;
+      for (int j = 0; j < i; ++j) {
+        f = d[j];
+        W(i, j) = f;
+        const double* wj = &W(j, 0);
+        g = e[j] + wj[j] * f;
+        double g2 = 0.0;
+#pragma omp simd reduction(+ : g2)
+        for (int k = j + 1; k < i; ++k) {
+          g2 += wj[k] * d[k];
+          e[k] += wj[k] * f;
+        }
+        e[j] = g + g2;
+      }
+      f = 0.0;
+      for (int j = 0; j < i; ++j) {
+        e[j] /= h;
+        f += e[j] * d[j];
+      }
+      const double hh = f / (h + h);
+      for (int j = 0; j < i; ++j) e[j] -= hh * d[j];
+      for (int j = 0; j < i; ++j) {
+        f = d[j];
+        g = e[j];
+        double* wj = &W(j, 0);
+#pragma omp simd
+        for (int k = j; k < i; ++k) wj[k] -= (f * e[k] + g * d[k]);
+        d[j] = wj[i - 1];
+        wj[i] = 0.0;
+      }
+    }
+    d[i] = h;
+  }
+  // accumulate the transformations
+  for (int i = 0; i < n - 1; ++i) {
+    W(i, n - 1) = W(i, i);
+    W(i, i) = 1.0;
+    const double h = d[i + 1];
+    double* wi1 = &W(i + 1, 0);
+    if (h != 0.0) {
+      for (int k = 0; k <= i; ++k) d[k] = wi1[k] / h;
+      for (int j = 0; j <= i; ++j) {
+        double* wj = &W(j, 0);
+        double g = 0.0;
+#pragma omp simd reduction(+ : g)
+        for (int k = 0; k <= i; ++k) g += wi1[k] * wj[k];
+#pragma omp simd
+        for (int k = 0; k <= i; ++k) wj[k] -= g * d[k];
+      }
+    }
+    for (int k = 0; k <= i; ++k) wi1[k] = 0.0;
+  }
+  for (int j = 0; j < n; ++j) {
+    d[j] = W(j, n - 1);
+    W(j, n - 1) = 0.0;
+  }
+  W(n - 1, n - 1) = 1.0;
+  e[0] = 0.0;
+  // tql2 with V[k][i] -> W(i, k)
+  for (int i = 1; i < n; ++i) e[i - 1] = e[i];
+  e[n - 1] = 0.0;
+  double f = 0.0, tst1 = 0.0;
+  const double eps = 0x1p-52;
+  int budget = 30 * n;
+  for (int l = 0; l < n; ++l) {
+    tst1 = std::max(tst1, std::abs(d[l]) + std::abs(e[l]));
+    int m = l;
+    while (m < n - 1 && !(std::abs(e[m]) <= eps * tst1)) ++m;  // e[n - 1] = 0
+    if (m > l) {
+      do {
+        if (--budget < 0) return false;
+        double g = d[l];
+        double p = (d[l + 1] - g) / (2.0 * e[l]);
+        double r = safe_hypot(p, 1.0);
+        if (p < 0) r = -r;
+        d[l] = e[l] / (p + r);
+        d[l + 1] = e[l] * (p + r);
+        const double dl1 = d[l + 1];
+        double h = g - d[l];
+        for (int i = l + 2; i < n; ++i) d[i] -= h;
+        f += h;
+        p = d[m];
+        double c = 1.0, c2 = 1.0, c3 = 1.0, s = 0.0, s2 = 0.0;
+        const double el1 = e[l + 1];
+        for (int i = m - 1; i >= l; --i) {
+          c3 = c2;
+          c2 = c;
+          s2 = s;
+          g = c * e[i];
+          h = c * p;
+          r = fast_hypot(p, e[i]);
+          e[i + 1] = s * r;
+          s = e[i] / r;
+          c = p / r;
+          p = c * d[i] - s * g;
+          d[i + 1] = h + s * (c * g + s * d[i]);
+          double* wi = &W(i, 0);
+          double* wi1 = &W(i + 1, 0);
+#pragma omp simd
+          for (int k = 0; k < n; ++k) {
+            const double t = wi1[k];
+            wi1[k] = s * wi[k] + c * t;
+            wi[k] = c * wi[k] - s * t;
+          }
+        }
+        p = -s * s2 * c3 * el1 * e[l] / dl1;
+        e[l] = s * p;
+        d[l] = c * p;
+      } while (std::abs(e[l]) > eps * tst1);
+    }
+    d[l] += f;
+    e[l] = 0.0;
+  }
+  // ascending order (selection sort, rows swapped with their eigenvalues)
+  for (int i = 0; i < n - 1; ++i) {
+    int k = i;
+    for (int j = i + 1; j < n; ++j)
+      if (d[j] < d[k]) k = j;
+    if (k != i) {
+      std::swap(d[k], d[i]);
+      std::swap_ranges(&W(i, 0), &W(i, 0) + n, &W(k, 0));
+    }
+  }
+  for (int i = 0; i < n; ++i)
+    if (!std::isfinite(d[i])) return false;
+  return true;
+}
+
+inline bool eigh_ql_base(double* a, int n, double* w, double* e) { return eigh_ql_generic(a, n, w, e); }
+#ifdef DDFAST_DENSIFY_X86
+DDFAST_AVX2 bool eigh_ql_avx2(double* a, int n, double* w, double* e) { return eigh_ql_generic(a, n, w, e); }
+#endif
+inline bool eigh_ql_rows(bool avx2, double* a, int n, double* w, double* e) {
+#ifdef DDFAST_DENSIFY_X86
+  if (avx2) return eigh_ql_avx2(a, n, w, e);
+#endif
+  (void)avx2;
+  return eigh_ql_base(a, n, w, e);
+}
+
+// workspace of one thread's eigensolves
 struct LapackWork {
   std::vector<double> a, w, work;
   std::vector<int> iwork;
@@ -597,13 +1042,20 @@ ClassResult solve_class_lapack(const double* gram, int n, double tau, T* coef, L
   ws->a.resize(size_t(n) * n);
   ws->w.resize(n);
   symmetrize(gram, n, ws->a.data());
-  dsyevd_rows(ws->a.data(), n, ws->w.data(), &ws->work, &ws->iwork);
+  if (n > kQlMaxN && dsyevd_ != nullptr) {
+    dsyevd_rows(ws->a.data(), n, ws->w.data(), &ws->work, &ws->iwork);
+  } else {
+    ws->work.resize(size_t(n));
+    if (!eigh_ql_rows(use_avx2(), ws->a.data(), n, ws->w.data(), ws->work.data()))
+      throw std::runtime_error("densify_loss: the QL eigensolver did not converge");
+  }
   ClassResult res;
-  res.loss = loss_and_coef<T>(ws->w.data(), ws->a.data(), n, tau, coef);
+  res.loss = loss_and_coef<T>(ws->w.data(), ws->a.data(), n, tau, coef, &res.rank);
   return res;
 }
 
-inline bool lapack_direct() { return dsyevd_ != nullptr && !portable_only(); }
+// our own solvers (QL, dsyevd above kQlMaxN when present) rather than at::linalg_eigh
+inline bool lapack_direct() { return !portable_only(); }
 
 template <typename T>
 void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, const double* gram,
@@ -611,7 +1063,7 @@ void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, 
                           std::vector<ClassResult>* results) {
   const std::vector<int64_t>& off = layout.offsets;
   const int64_t m = int64_t(ks.size());
-  if (!lapack_direct()) {  // no direct LAPACK: one batched torch call per class size
+  if (!lapack_direct()) {  // portable path: one batched torch call per class size
     std::map<int64_t, std::vector<int64_t>> by_size;
     for (int64_t k : ks) by_size[off[k + 1] - off[k]].push_back(k);
     for (const auto& [n, group] : by_size) {
@@ -623,7 +1075,7 @@ void solve_classes_lapack(const std::vector<int64_t>& ks, const Layout& layout, 
       for (size_t i = 0; i < group.size(); ++i) {
         const int64_t k = group[i];
         (*results)[k].loss = loss_and_coef<T>(w.data_ptr<double>() + i * n, vt.data_ptr<double>() + i * n * n, int(n),
-                                              tau, coef ? coef + gram_off[k] : nullptr);
+                                              tau, coef ? coef + gram_off[k] : nullptr, &(*results)[k].rank);
       }
     }
     return;
@@ -726,22 +1178,58 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
 
   // dX̂_k = (2 dG_k) X̂_k for blocks of at most kDxRows rows of a class into a per-thread buffer
   // (straight into dx when X̂ is the images in batch order), then back to image order through the
-  // pooling backward while the block is still in cache. Each block is one single-threaded GEMM.
+  // pooling backward while the block is still in cache. Each block is one single-threaded GEMM. A class
+  // whose gradient keeps r < n/2 terms (loss_and_coef) first gets Y_k = V_rᵀ X̂_k (r x D, one GEMM
+  // into its slice of ys), and its blocks are A_k[rows] · Y_k.
   std::vector<std::vector<std::array<int64_t, 2>>> dx_blocks(K);  // per class: (first row, rows)
+  std::vector<int64_t> y_off(K + 1, 0);  // per class: room for the largest rank with 3 r <= n
   int64_t max_rows = 0;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = count(k);
     const int64_t blocks = (n + kDxRows - 1) / kDxRows, per = (n + blocks - 1) / blocks;
     for (int64_t i0 = 0; i0 < n; i0 += per) dx_blocks[k].push_back({i0, std::min(per, n - i0)});
     max_rows = std::max(max_rows, per);
+    y_off[k + 1] = y_off[k] + (n >= kLowRankMinN ? n / 3 * D : 0);
   }
+  at::Tensor y_store = with_grad && y_off[K] > 0 ? cached_empty({y_off[K]}, opts, at::MemoryFormat::Contiguous)
+                                                 : at::Tensor();
+  T* ys = y_store.defined() ? y_store.data_ptr<T>() : nullptr;
   const bool direct = identity && sorted;
   const bool blas_direct = !portable_only();
   const int64_t slot = (max_rows * D + 15) / 16 * 16;  // 64-byte aligned per-thread slices
+  // classes with a truncated gradient and 2 x 2 pooling (float, AVX-512): dX̂ and the pooling backward
+  // in one kernel (fused_dx_pool2x2_avx512), over pieces of 32 pooled columns
+  const bool fused_shape = std::is_same_v<T, float> && avx2 && cpu_avx512() && H == 2 * P && W == 2 * P &&
+                           P % 32 == 0;
+  const int64_t pieces = fused_shape ? C * P * (P / 32) : 0;
+  const auto fused = [&](int64_t k) { return fused_shape && results[k].rank > 0; };
+  const auto dx_fused = [&](int64_t k, int64_t ch0, int64_t ch1) {
+#ifdef DDFAST_DENSIFY_X86
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t n = count(k);
+      const int r = results[k].rank;
+      std::vector<float*> imgs(n);
+      for (int64_t i = 0; i < n; ++i) imgs[i] = dx + order[off[k] + i] * C * H * W;
+      std::vector<float> ybuf(size_t(r) * 32);
+      const float* ak = coef_p + gram_off[k];
+      fused_dx_pool2x2_avx512(ak, ak + n * r, int(n), r, rows.data() + off[k], imgs.data(), C, P, ch0, ch1,
+                              ybuf.data());
+    }
+#endif
+    (void)k, (void)ch0, (void)ch1;
+  };
+  const auto y_class = [&](int64_t k) {  // Y_k = V_rᵀ X̂_k for a class with a truncated gradient
+    const int64_t n = count(k), r = results[k].rank;
+    if (r > 0 && !fused(k))
+      rows_gemm<T>(blas_direct, coef_p + gram_off[k] + n * r, int(r), int(n), rows[off[k]], ld, D, ys + y_off[k], D);
+  };
   const auto dx_block = [&](int64_t k, int64_t i0, int64_t m, T* block) {
-    const int64_t n = count(k);
+    const int64_t n = count(k), r = results[k].rank;
     T* out = direct ? dx + (off[k] + i0) * D : block;
-    rows_gemm<T>(blas_direct, coef_p + gram_off[k] + i0 * n, int(m), int(n), rows[off[k]], ld, D, out, D);
+    if (r > 0)
+      rows_gemm<T>(blas_direct, coef_p + gram_off[k] + i0 * r, int(m), int(r), ys + y_off[k], D, D, out, D);
+    else
+      rows_gemm<T>(blas_direct, coef_p + gram_off[k] + i0 * n, int(m), int(n), rows[off[k]], ld, D, out, D);
     if (direct) return;
     for (int64_t r = 0; r < m; ++r) {
       T* dst = dx + order[off[k] + i0 + r] * C * H * W;
@@ -794,8 +1282,14 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
           errors[k] = e.what();
           continue;
         }
-        if (with_grad && results[k].status != jacobi::kNonFinite)
+        if (with_grad && results[k].status != jacobi::kNonFinite) {
+          if (fused(k)) {
+            dx_fused(k, 0, pieces);
+            continue;
+          }
+          y_class(k);
           for (const auto& [i0, m] : dx_blocks[k]) dx_block(k, i0, m, block);
+        }
       }
       store_fence();
     }
@@ -838,20 +1332,40 @@ std::tuple<double, std::vector<int>> run(const T* x, int64_t B, int64_t C, int64
       lap("eigen");
     }
     if (finite && with_grad) {
-      std::vector<std::array<int64_t, 3>> dx_items;  // (class, first row, rows), largest work first
-      for (int64_t k = 0; k < K; ++k)
-        for (const auto& [i0, m] : dx_blocks[k]) dx_items.push_back({k, i0, m});
-      std::stable_sort(dx_items.begin(), dx_items.end(),
-                       [&](const auto& a, const auto& b) { return a[2] * count(a[0]) > b[2] * count(b[0]); });
+      const auto inner = [&](int64_t k) { return results[k].rank > 0 ? int64_t(results[k].rank) : count(k); };
+      // (class, first row, rows, 0) or, for a fused class, (class, first piece, end piece, 1): as many
+      // piece ranges as the class has row blocks; largest work first
+      std::vector<std::array<int64_t, 4>> dx_items;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t parts = int64_t(dx_blocks[k].size());
+        for (int64_t b = 0; b < parts; ++b) {
+          if (fused(k))
+            dx_items.push_back({k, pieces * b / parts, pieces * (b + 1) / parts, 1});
+          else
+            dx_items.push_back({k, dx_blocks[k][b][0], dx_blocks[k][b][1], 0});
+        }
+      }
+      const auto work = [&](const std::array<int64_t, 4>& it) {
+        return it[3] ? 2 * (it[2] - it[1]) * count(it[0]) * inner(it[0]) * 32 : it[2] * inner(it[0]) * D;
+      };
+      std::stable_sort(dx_items.begin(), dx_items.end(), [&](const auto& a, const auto& b) { return work(a) > work(b); });
       const bool par_dx = dx_items.size() > 1 && large_work;
       at::Tensor block_store =
           direct ? at::Tensor() : cached_empty({(par_dx ? threads : 1) * slot}, opts, at::MemoryFormat::Contiguous);
       const int64_t n_dx = int64_t(dx_items.size());
 #pragma omp parallel if (par_dx)
       {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t idx = 0; idx < K; ++idx) y_class(by_size[idx]);
         T* block = direct ? nullptr : block_store.data_ptr<T>() + thread_index() * slot;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < n_dx; ++it) dx_block(dx_items[it][0], dx_items[it][1], dx_items[it][2], block);
+        for (int64_t it = 0; it < n_dx; ++it) {
+          const auto& item = dx_items[it];
+          if (item[3])
+            dx_fused(item[0], item[1], item[2]);
+          else
+            dx_block(item[0], item[1], item[2], block);
+        }
         store_fence();
       }
       lap("dx+poolbwd");
