@@ -250,7 +250,7 @@ def _compile_here(request: AotRequest) -> PtxasReport:
     )
 
 
-def sigkill_after_checkpoint(cmd: Sequence[str], checkpoint: str | os.PathLike, at_least: int = 1, timeout: float = 180.0,
+def sigkill_after_checkpoint(cmd: Sequence[str], checkpoint: str | os.PathLike, at_least: int = 1, timeout: float = 900.0,
                              env: dict[str, str] | None = None) -> int:
     """Start ``cmd`` and SIGKILL it once ``checkpoint`` exists and records ``iteration >= at_least``; the
     checkpoint's iteration at the kill. The file is replaced atomically, so a read that races a rename

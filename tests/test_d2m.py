@@ -4,10 +4,7 @@ generator files (round trip, restricted unpickler), sampling, GAN pretraining re
 from __future__ import annotations
 
 import pickle
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -75,16 +72,11 @@ def test_pretraining_resumes_after_sigkill(tmp_path, monkeypatch):
     code = ("from ddfast import data, generators; generators.pretrain(data.synthetic(train_per_class=200), "
             "generators.GANConfig(epochs=6, width=8, z_dim=16, batch_size=64))")
     env = {**__import__("os").environ, "DDFAST_CACHE_DIR": str(tmp_path / "killed")}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     config = generators.GANConfig(epochs=6, width=8, z_dim=16, batch_size=64)
     dataset = data.synthetic(train_per_class=200)
     monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "killed"))
     partial = generators.pretrained_path(dataset, config).with_suffix(".partial.pt")
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not partial.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_checkpoint([sys.executable, "-c", code], partial, env=env)
     assert partial.exists() and not generators.pretrained_path(dataset, config).exists()
     resumed, resumed_path = generators.pretrain(dataset, config)
     monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "whole"))

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -213,13 +211,8 @@ def test_stage1_resumes_after_sigkill_to_the_same_generator_and_curve(npz28, tmp
     partial = dim.stage1_path(ds, config).with_suffix(".partial.pt")
     cmd = [sys.executable, "-m", "ddfast.distill", "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY,
            *extra, "--out", str(tmp_path / "k")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while proc.poll() is None and time.time() < deadline and not partial.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(partial, weights_only=True)["iteration"] in (50, 100) and not dim.stage1_path(ds, config).exists()
+    assert sigkill_after_checkpoint(cmd, partial) in (50, 100)
+    assert not dim.stage1_path(ds, config).exists()
     resumed = generators.load(dim.pretrain(ds, config))
     monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "whole"))
     whole = generators.load(dim.pretrain(ds, config))
