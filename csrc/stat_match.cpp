@@ -24,12 +24,12 @@
 // F.interpolate(mode="bilinear", align_corners=False) (a dimension that already is a multiple keeps
 // R = identity), with K' = (H'/p)(W'/p) patches. x' is never materialised: per (b, c) plane (either
 // layout) the kernels gather the plane into per-thread scratch, take its channel partial, form x'
-// centered on the plane mean from the 2 x 2 taps and feed it to the same tile-row kernels (see
-// forward_resize). Backward: dx = A[c] + S[c](x - cmean[c]) + R_hᵀ [P + Q (x' - pmean[k])] R_w per
+// centered on the plane mean from the 2 x 2 taps and feed it to the same tile-row kernels; a
+// group's tile triples are merged in two passes in double (see forward_resize). Backward: dx = A[c] + S[c](x - cmean[c]) + R_hᵀ [P + Q (x' - pmean[k])] R_w per
 // plane, the adjoint as gathers with fixed tap order (backward_resize). Planes are tiny here (7 x 7,
 // 14 x 14), so both kernels take 8 (float accumulation) / 4 (float64) planes at a time, one per SIMD
-// lane of a plane-interleaved scratch, every lane repeating the per-plane arithmetic exactly: a
-// plane's results are bitwise the same whichever planes share its block (see "plane blocks").
+// lane of a plane-interleaved scratch, lanes never mixing: a plane's results are bitwise the same
+// whichever planes share its block (see "plane blocks").
 //
 // Layouts: contiguous NCHW and channels_last (NHWC) are read in place, in memory order; any other
 // strides are made contiguous with x.contiguous() first (one extra copy; dx is then contiguous).
@@ -229,6 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   // Planes are small units: at least 8 per group (fewer, larger partials to merge).
   int64_t G = std::min<int64_t>(plane_units ? std::max<int64_t>(1, U / 8) : U, sm_common::kMaxGroups);
   if (patches) G = std::max<int64_t>(1, std::min<int64_t>(G, sm_common::kMaxGroupEntries / K));
+  // Group g holds units [gb[g], gb[g + 1]). The resize kernels take planes in blocks of 8 (float) / 4
+  // (float64), so their groups are whole blocks of 8 (only the last block of x is partial).
+  const int64_t align = resize ? 8 : 1, NA = (U + align - 1) / align;
+  std::vector<int64_t> gbv(G + 1);
+  for (int64_t g = 0; g <= G; ++g) gbv[g] = std::min(U, align * (g * NA / G));
+  const int64_t* gb = gbv.data();
   const int64_t unit_count = plane_units ? patch * patch : C * patch * patch;
 
   auto dopt = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
@@ -252,26 +258,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
     if (resize) {
 #ifdef DDFAST_SM_HAVE_AVX2
       if (avx2) {
-        sm_avx2::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, G);
+        sm_avx2::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, gb, G);
         return;
       }
 #endif
-      sm_base::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, G);
+      sm_base::forward_resize<scalar_t>(xp, B, C, H, W, sc, ps, patch, rh, rw, umean_p, um2_p, gmean_p, gm2_p, gb, G);
       return;
     }
 #ifdef DDFAST_SM_HAVE_AVX2
     if (avx2) {
       if (layout == Layout::NCHW)
-        sm_avx2::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+        sm_avx2::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, gb, G);
       else
-        sm_avx2::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+        sm_avx2::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, gb, G);
       return;
     }
 #endif
     if (layout == Layout::NCHW)
-      sm_base::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      sm_base::forward_nchw<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, gb, G);
     else
-      sm_base::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, G);
+      sm_base::forward_nhwc<scalar_t>(xp, B, C, H, W, patch, umean_p, um2_p, gmean_p, gm2_p, gb, G);
   });
 
   // Statistics leave in float64 whatever x's dtype: the merge already runs in double, and a
@@ -279,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_match_forward(co
   at::Tensor cmean = at::empty({C}, dopt), cm2 = at::empty({C}, dopt);
   at::Tensor pmean = at::empty({K}, dopt), pm2 = at::empty({K}, dopt);
   const double n_unit = double(H * W);  // elements of one (b, c) pair
-  sm_base::merge_partials<double>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, G, n_unit, double(unit_count),
+  sm_base::merge_partials<double>(umean_p, um2_p, gmean_p, gm2_p, B, C, K, U, gb, G, n_unit, double(unit_count),
                                   cmean.data_ptr<double>(), cm2.data_ptr<double>(), pmean.data_ptr<double>(),
                                   pm2.data_ptr<double>());
   return std::make_tuple(cmean, cm2, pmean, pm2);
@@ -805,7 +811,7 @@ template <typename scalar_t>
 SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
                           int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
                           double* __restrict gmean, double* __restrict gm2,  // [G*K]
-                          int64_t G) {
+                          const int64_t* __restrict gb, int64_t G) {
   using acc_t = acc_t_of<scalar_t>;
   const int64_t U = B * C, HW = H * W;
   if (p == 0) {
@@ -827,7 +833,7 @@ SM_ATTR void forward_nchw(const scalar_t* __restrict x, int64_t B, int64_t C, in
     acc_t* __restrict tv = tvv.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
+      const int64_t u0 = gb[g], u1 = gb[g + 1];
       for (int64_t u = u0; u < u1; ++u) {
         const scalar_t* __restrict xp = x + u * HW;
         for (int64_t i = 0; i < nth; ++i) {
@@ -1096,7 +1102,7 @@ template <typename scalar_t>
 SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W,
                           int64_t p, double* __restrict umean, double* __restrict um2,  // [B*C]
                           double* __restrict gmean, double* __restrict gm2,  // [G*K]
-                          int64_t G) {
+                          const int64_t* __restrict gb, int64_t G) {
   using acc_t = acc_t_of<scalar_t>;
   const bool patches = p > 0;
   const int64_t th = patches ? p : 1, tw = patches ? p : W;
@@ -1111,7 +1117,7 @@ SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, in
     constexpr bool kFloatAcc = std::is_same<acc_t, float>::value;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t b0 = g * B / G, b1 = (g + 1) * B / G;
+      const int64_t b0 = gb[g], b1 = gb[g + 1];
       for (int64_t b = b0; b < b1; ++b) {
         if (kFloatAcc && patches) {
           sample_nhwc_f<scalar_t, true>(x + b * HWC, H, W, C, th, tw, ws.data(), umean + b * C,
@@ -1136,16 +1142,17 @@ SM_ATTR void forward_nhwc(const scalar_t* __restrict x, int64_t B, int64_t C, in
 }
 
 // Final merge: channels from B per-(b, c) partials of n_unit elements each; patches from G group
-// partials ((u1 - u0) * unit_count elements each). Two-pass (mean, then M2 + between-term) in double.
+// partials ((gb[g + 1] - gb[g]) * unit_count elements each). Two-pass (mean, then M2 + between-term) in double.
 // Serial unless large: a second parallel region costs more than the merge under CPU contention.
 template <typename out_t>
 SM_ATTR void merge_partials(const double* __restrict umean, const double* __restrict um2,
                             const double* __restrict gmean, const double* __restrict gm2, int64_t B,
-                            int64_t C, int64_t K, int64_t U, int64_t G, double n_unit, double unit_count,
+                            int64_t C, int64_t K, int64_t U, const int64_t* __restrict gb, int64_t G,
+                            double n_unit, double unit_count,
                             out_t* __restrict cmean, out_t* __restrict cm2, out_t* __restrict pmean,
                             out_t* __restrict pm2) {
   std::vector<double> gunits(G);  // units per group
-  for (int64_t g = 0; g < G; ++g) gunits[g] = double((g + 1) * U / G - g * U / G);
+  for (int64_t g = 0; g < G; ++g) gunits[g] = double(gb[g + 1] - gb[g]);
 #pragma omp parallel if (B * C + G * K > (int64_t(1) << 18))
   {
 #pragma omp for schedule(static) nowait
@@ -1335,8 +1342,10 @@ SM_ATTR void backward_nhwc(const scalar_t* __restrict x, scalar_t* __restrict dx
 // mean gives s = 0 so NaN/Inf reach only the patches their taps feed), tile stats of x' - s with the
 // tile-row kernels and the streaming Chan merge into the group's patch partials. Planes are numbered
 // b * C + c in both layouts, so NCHW and channels_last give identical results. x' lives only in
-// per-thread scratch ([H', W'] per plane). The per-plane functions here are the reference arithmetic
-// of the block path below (and run group remainders and the tile shapes it does not take).
+// per-thread scratch ([H', W'] per plane). The per-plane functions here run the tile shapes that the
+// block path below does not take. The patch partial of a group comes from its planes' tile triples in
+// two passes (group_patches), not a streaming merge: measured on [100, 128, 7, 7] (1 thread), the
+// per-plane scalar Chan merge of the 8 lanes of a block was ~45% of the forward.
 // Adjoint taps: input i gathers ta entries (at[i * ta + t] of out, weight aw[i * ta + t]) instead of
 // a scatter's dependent read-modify-writes; unused taps read entry n_out (a zero pad) with weight 0.
 template <typename acc_t>
@@ -1425,14 +1434,13 @@ SM_ATTR acc_t* resize_plane(acc_t* __restrict d, const ResizeTab<acc_t>& rh, con
 // The resize kernels take L consecutive planes (8 for float accumulation, 4 for double) at a time,
 // plane-interleaved in scratch ([pixel][L]: one vector per pixel, plane l in lane l), so every
 // resize tap, tile sum and adjoint tap is one vector operation with a broadcast scalar weight
-// instead of a scalar gather. Each lane repeats the per-plane kernels' arithmetic exactly (the same
-// operations in the same order: plane_twopass's accumulator split and reduction tree, the tile-row
-// kernels' column sums and lane trees, resize_plane's taps), so a plane's results are bitwise those
-// of the per-plane path whatever planes share its block (padding lanes are zero and discarded), and
-// the block path changed no result of the earlier per-plane kernels. forward_resize uses blocks
+// instead of a scalar gather. Lanes never mix: a plane's results are bitwise the same whatever planes
+// share its block (padding lanes are zero and discarded). The tile sums and resize taps repeat the
+// per-plane kernels' arithmetic (the tile-row kernels' column sums and lane trees, resize_plane's
+// taps); the channel partial (block_twopass) has its own fixed order. forward_resize uses blocks
 // wherever the per-plane tile kernel has a fixed summation order (every case but
-// nchw_tilerow_generic's, whose omp-simd reductions are left to the compiler: those, and group
-// remainders of fewer than kMinBlockPlanes planes, keep the per-plane path); backward_resize always.
+// nchw_tilerow_generic's, whose omp-simd reductions are left to the compiler: those keep the
+// per-plane path for every plane); backward_resize always.
 // Block loads / stores transpose L x L in registers (NCHW) or read L consecutive channels per pixel
 // (channels_last), with the element conversions of load_plane / store_plane.
 
@@ -1634,59 +1642,73 @@ SM_ATTR void store_block(scalar_t* __restrict dx, const typename Vec<acc_t>::typ
   }
 }
 
-// plane_twopass<acc_t, acc_t> per lane: the same 4 L pass-1 and 2 L pass-2 accumulators (here
-// one vector each, lanes = planes), the same trees, tails and double chunk sums.
+// Lanes of an accumulation vector as doubles: L / 4 vectors of 4.
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+SM_ATTR inline __attribute__((always_inline)) void widen(Vec<float>::type v, v4d* d) {
+  v4f lo, hi;
+  std::memcpy(&lo, &v, 16);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
+  d[0] = __builtin_convertvector(lo, v4d);
+  d[1] = __builtin_convertvector(hi, v4d);
+}
+SM_ATTR inline __attribute__((always_inline)) void widen(Vec<double>::type v, v4d* d) { d[0] = v; }
+
+// Channel partial (mean, M2) of every lane's plane of n pixels, into mean[L], m2[L]: pass 1 sums in
+// 4 accumulators (pixel i in i % 4, the tail in the first), pass 2 the centered e and e^2 in 2,
+// flushed into double every 4096 pixels; lanes never mix, so a plane's result does not depend on
+// its block or lane. Returns the plane means rounded to acc_t, 0 where not finite (the centering
+// shift: a non-finite mean would make every centered value NaN).
 template <typename acc_t>
-SM_ATTR void block_twopass(const typename Vec<acc_t>::type* __restrict X, int64_t n, double* __restrict mean,
-                           double* __restrict m2) {
+SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type* __restrict X, int64_t n,
+                                                double* __restrict mean, double* __restrict m2) {
   typedef typename Vec<acc_t>::type V;
-  constexpr int L = Vec<acc_t>::L;
-  constexpr int BL = 4 * L;
+  constexpr int L = Vec<acc_t>::L, DH = L / 4;
   constexpr int64_t CH = 4096;
-  V a[BL];
-  for (int k = 0; k < BL; ++k) a[k] = V{};
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
-  for (; i + BL <= n; i += BL)
-    for (int k = 0; k < BL; ++k) a[k] += X[i + k];
-  V v[L];
-  for (int l = 0; l < L; ++l) v[l] = (a[l] + a[L + l]) + (a[2 * L + l] + a[3 * L + l]);
-  V s = tree_sum<L, V>(v);
-  for (; i < n; ++i) s += X[i];
-  const V m = s / acc_t(n);
-  double se[L] = {}, see[L] = {};
+  for (; i + 4 <= n; i += 4) {
+    a0 += X[i];
+    a1 += X[i + 1];
+    a2 += X[i + 2];
+    a3 += X[i + 3];
+  }
+  for (; i < n; ++i) a0 += X[i];
+  const V m = ((a0 + a1) + (a2 + a3)) / acc_t(n);
+  v4d se[DH] = {}, see[DH] = {};
   for (int64_t c0 = 0; c0 < n; c0 += CH) {
     const int64_t c1 = std::min(n, c0 + CH);
-    V e[2 * L], f[2 * L];
-    for (int k = 0; k < 2 * L; ++k) e[k] = f[k] = V{};
-    i = c0;
-    for (; i + 2 * L <= c1; i += 2 * L) {
-      for (int k = 0; k < 2 * L; ++k) {
-        const V d = X[i + k] - m;
-        e[k] += d;
-        f[k] += d * d;
-      }
+    V e0 = {}, e1 = {}, f0 = {}, f1 = {};
+    for (i = c0; i + 2 <= c1; i += 2) {
+      const V d0 = X[i] - m, d1 = X[i + 1] - m;
+      e0 += d0;
+      e1 += d1;
+      f0 += d0 * d0;
+      f1 += d1 * d1;
     }
-    V ve[L], vf[L];
-    for (int l = 0; l < L; ++l) {
-      ve[l] = e[l] + e[L + l];
-      vf[l] = f[l] + f[L + l];
-    }
-    V t1 = tree_sum<L, V>(ve), t2 = tree_sum<L, V>(vf);
-    for (; i < c1; ++i) {
+    if (i < c1) {
       const V d = X[i] - m;
-      t1 += d;
-      t2 += d * d;
+      e0 += d;
+      f0 += d * d;
     }
-    for (int l = 0; l < L; ++l) {
-      se[l] += t1[l];
-      see[l] += t2[l];
+    v4d t1[DH], t2[DH];
+    widen(e0 + e1, t1);
+    widen(f0 + f1, t2);
+    for (int h = 0; h < DH; ++h) {
+      se[h] += t1[h];
+      see[h] += t2[h];
     }
   }
+  v4d md[DH];
+  widen(m, md);
   const double dn = double(n);
-  for (int l = 0; l < L; ++l) {
-    mean[l] = double(m[l]) + se[l] / dn;
-    m2[l] = nonneg(see[l] - se[l] * se[l] / dn);
+  const v4d zero = {};
+  for (int h = 0; h < DH; ++h) {
+    const v4d v = see[h] - se[h] * se[h] / dn;
+    stu(mean + 4 * h, md[h] + se[h] / dn);
+    stu(m2 + 4 * h, (v < zero) ? zero : v);  // NaN passes through
   }
+  return (m - m == V{}) ? m : V{};  // x - x == 0 exactly when x is finite
 }
 
 // resize_plane per lane. Returns the result (tmp when H needs no resize).
@@ -1893,54 +1915,89 @@ struct BlockScratch {
         tm(new V[T]), tc(new V[T]), tv(new V[T]), buf(Vec<acc_t>::L * HW) {}
 };
 
-// Groups of the forward hand their remainder (fewer than this many planes) to the per-plane path,
-// which a block of that few planes does not beat (both give the same bits).
-constexpr int kMinBlockPlanes = 4;
+// Patch partial of one group of n planes from their tile triples in double, mt [T][ld] (tile means)
+// and v [T][ld] (tile M2), in two passes: mean = sum(mt) / n, M2 = sum(v) + tn sum((mt - mean)^2).
+// Every sum runs in a fixed order: 4 accumulators (plane j in j % 4), ((0 + 1) + (2 + 3)), the tail.
+SM_ATTR void group_patches(const double* __restrict mt, const double* __restrict v, int64_t T, int64_t ld,
+                           int64_t n, double tn, double* __restrict gmean, double* __restrict gm2) {
+  for (int64_t t = 0; t < T; ++t) {
+    const double* __restrict a = mt + t * ld;
+    const double* __restrict b = v + t * ld;
+    v4d s = {};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) s += ldu(a + j);
+    double m = (s[0] + s[1]) + (s[2] + s[3]);
+    for (; j < n; ++j) m += a[j];
+    m /= double(n);
+    v4d q = {}, w = {};
+    for (j = 0; j + 4 <= n; j += 4) {
+      const v4d d = ldu(a + j) - m;
+      q += d * d;
+      w += ldu(b + j);
+    }
+    double qs = (q[0] + q[1]) + (q[2] + q[3]), ws = (w[0] + w[1]) + (w[2] + w[3]);
+    for (; j < n; ++j) {
+      const double d = a[j] - m;
+      qs += d * d;
+      ws += b[j];
+    }
+    gmean[t] = m;
+    gm2[t] = ws + tn * qs;
+  }
+}
 
 template <typename scalar_t>
 SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sc,
                             int64_t ps, int64_t p, const sm_common::Resize1D& rh_, const sm_common::Resize1D& rw_,
                             double* __restrict umean, double* __restrict um2,  // [B*C]
                             double* __restrict gmean, double* __restrict gm2,  // [G*K]
-                            int64_t G) {
+                            const int64_t* __restrict gb, int64_t G) {
   using acc_t = acc_t_of<scalar_t>;
   typedef typename Vec<acc_t>::type V;
-  constexpr int L = Vec<acc_t>::L;
+  constexpr int L = Vec<acc_t>::L, DH = L / 4;
   const ResizeTab<acc_t> rh(rh_), rw(rw_);
-  const int64_t U = B * C, HW = H * W, H2 = rh.n_out, W2 = rw.n_out, ntw = W2 / p, T = (H2 / p) * ntw;
+  const int64_t HW = H * W, H2 = rh.n_out, W2 = rw.n_out, ntw = W2 / p, T = (H2 / p) * ntw;
   const double tn = double(p * p);
   const acc_t inv_nf = acc_t(1) / acc_t(p * p);
   const bool pow2 = p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32;
   const bool vec = W2 >= Vec<acc_t>::L && pow2;
   // Blocks where the per-plane tile kernel is nchw_tilerow_f4 or nchw_tilerow_vec (fixed order).
   const bool blocks = (std::is_same<acc_t, float>::value && p == 4) || vec;
+  int64_t ld = 0;  // planes per group, + L: room for a block's padding lanes
+  for (int64_t g = 0; g < G; ++g) ld = std::max(ld, gb[g + 1] - gb[g]);
+  ld += L;
 #pragma omp parallel
   {
-    std::vector<acc_t> xs(HW), tmp(H * W2), xr(H2 * W2), s1(W2), s2(W2), mrow(W2), tmv(T + 8), tcv(T + 8),
-        tvv(T + 8);
-    acc_t* __restrict tm = tmv.data();
-    acc_t* __restrict tc = tcv.data();
-    acc_t* __restrict tv = tvv.data();
+    std::vector<double> gmt(T * ld), gv(T * ld);  // the group's tile triples, [T][ld]
+    std::vector<acc_t> xs, tmp, xr, s1, s2, mrow, tmv, tcv, tvv;
     std::unique_ptr<BlockScratch<acc_t>> bs;
-    if (blocks) bs.reset(new BlockScratch<acc_t>(HW, H, W2, H2 * W2, T));
+    if (blocks) {
+      bs.reset(new BlockScratch<acc_t>(HW, H, W2, H2 * W2, T));
+    } else {
+      xs.resize(HW);
+      tmp.resize(H * W2);
+      xr.resize(H2 * W2);
+      s1.resize(W2);
+      s2.resize(W2);
+      mrow.resize(W2);
+      tmv.resize(T + 8);
+      tcv.resize(T + 8);
+      tvv.resize(T + 8);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t u0 = g * U / G, u1 = (g + 1) * U / G;
-      double* __restrict gmu = gmean + g * T;
-      double* __restrict gvu = gm2 + g * T;
-      for (int64_t u = u0; u < u1;) {
-        const int nl = int(std::min<int64_t>(L, u1 - u));
-        if (blocks && nl >= kMinBlockPlanes) {
+      const int64_t u0 = gb[g], u1 = gb[g + 1];
+      if (blocks) {
+        for (int64_t u = u0; u < u1; u += L) {
+          const int nl = int(std::min<int64_t>(L, u1 - u));
           V* __restrict X = bs->X.get();
           if (ps == 1) prefetch_range(x + (u + nl) * HW, L * HW * int64_t(sizeof(scalar_t)));
           load_block<scalar_t, acc_t>(X, x, u, nl, C, HW, sc, ps, bs->buf.data());
           double bmean[L], bm2[L];
-          block_twopass<acc_t>(X, HW, bmean, bm2);
-          V sv = {};
+          const V sv = block_twopass<acc_t>(X, HW, bmean, bm2);
           for (int l = 0; l < nl; ++l) {
             umean[u + l] = bmean[l];
             um2[u + l] = bm2[l];
-            sv[l] = std::isfinite(bmean[l]) ? static_cast<acc_t>(bmean[l]) : acc_t(0);
           }
           for (int64_t i = 0; i < HW; ++i) X[i] -= sv;
           const V* r = resize_block<acc_t>(X, rh, rw, bs->tmp.get(), bs->xr.get());
@@ -1955,42 +2012,43 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
             case 16: block_tiles<16, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
             default: block_tiles<32, acc_t>(r, H2, W2, inv_nf, btm, btc, btv); break;
           }
-          for (int l = 0; l < nl; ++l) {  // planes in order: the streaming merge of the per-plane path
-            const int64_t j = u + l - u0;
-            const double rj = 1.0 / double(j + 1), wgt = tn * double(j) * rj;
-            const double s = double(sv[l]);
-            for (int64_t t = 0; t < T; ++t) {
-              const double mt = s + (double(btm[t][l]) + double(btc[t][l]));
-              const double v = double(btv[t][l]);
-              const double dg = j == 0 ? 0.0 : mt - gmu[t];
-              gmu[t] = j == 0 ? mt : gmu[t] + dg * rj;
-              gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
+          // Tile means mt = shift + (tm + tc) and M2 of the L lanes (lanes past nl: scratch).
+          v4d sd[DH];
+          widen(sv, sd);
+          double* __restrict mj = gmt.data() + (u - u0);
+          double* __restrict vj = gv.data() + (u - u0);
+          for (int64_t t = 0; t < T; ++t) {
+            v4d a[DH], c[DH], w[DH];
+            widen(btm[t], a);
+            widen(btc[t], c);
+            widen(btv[t], w);
+            for (int h = 0; h < DH; ++h) {
+              stu(mj + t * ld + 4 * h, sd[h] + (a[h] + c[h]));
+              stu(vj + t * ld + 4 * h, w[h]);
             }
           }
-          u += nl;
-          continue;
         }
-        load_plane<scalar_t, acc_t>(xs.data(), x + (u / C) * C * HW + (u % C) * sc, HW, ps);
-        plane_twopass<acc_t, acc_t>(xs.data(), HW, umean + u, um2 + u, 0);
-        const acc_t s = std::isfinite(umean[u]) ? static_cast<acc_t>(umean[u]) : acc_t(0);
+      } else {
+        acc_t* __restrict tm = tmv.data();
+        acc_t* __restrict tc = tcv.data();
+        acc_t* __restrict tv = tvv.data();
+        for (int64_t u = u0; u < u1; ++u) {
+          load_plane<scalar_t, acc_t>(xs.data(), x + (u / C) * C * HW + (u % C) * sc, HW, ps);
+          plane_twopass<acc_t, acc_t>(xs.data(), HW, umean + u, um2 + u, 0);
+          const acc_t s = std::isfinite(umean[u]) ? static_cast<acc_t>(umean[u]) : acc_t(0);
 #pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) xs[i] -= s;
-        const acc_t* r = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
-        for (int64_t i = 0; i < H2 / p; ++i)
-          nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(),
-                                     tm + i * ntw, tc + i * ntw, tv + i * ntw);
-        const int64_t j = u - u0;
-        const double rj = 1.0 / double(j + 1), wgt = tn * double(j) * rj;
-#pragma omp simd
-        for (int64_t t = 0; t < T; ++t) {
-          const double mt = double(s) + (double(tm[t]) + double(tc[t]));
-          const double v = double(tv[t]);
-          const double dg = j == 0 ? 0.0 : mt - gmu[t];
-          gmu[t] = j == 0 ? mt : gmu[t] + dg * rj;
-          gvu[t] = j == 0 ? v : gvu[t] + v + dg * dg * wgt;
+          for (int64_t i = 0; i < HW; ++i) xs[i] -= s;
+          const acc_t* r = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
+          for (int64_t i = 0; i < H2 / p; ++i)
+            nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(),
+                                       tm + i * ntw, tc + i * ntw, tv + i * ntw);
+          for (int64_t t = 0; t < T; ++t) {
+            gmt[t * ld + (u - u0)] = double(s) + (double(tm[t]) + double(tc[t]));
+            gv[t * ld + (u - u0)] = double(tv[t]);
+          }
         }
-        ++u;
       }
+      group_patches(gmt.data(), gv.data(), T, ld, u1 - u0, tn, gmean + g * T, gm2 + g * T);
     }
   }
 }
