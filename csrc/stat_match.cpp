@@ -1533,6 +1533,38 @@ SM_ATTR inline __attribute__((always_inline)) void stu(double* p, Vec<double>::t
   *reinterpret_cast<v4d_u*>(p) = v;
 }
 
+// a * b + c with one rounding in the AVX2 copy (the baseline has no FMA: two roundings). Only the
+// block kernels use it: every lane of a block runs the same instructions, so a plane's result stays
+// independent of its block and lane. Measured on [100, 128, 7, 7] / [100, 64, 14, 14] (1 thread):
+// the backward's row pass and the resize taps are bound by the floating-point ports.
+SM_ATTR inline __attribute__((always_inline)) v8f fmadd(v8f a, v8f b, v8f c) {
+#if SM_F16C
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+SM_ATTR inline __attribute__((always_inline)) Vec<double>::type fmadd(Vec<double>::type a, Vec<double>::type b,
+                                                                      Vec<double>::type c) {
+#if SM_F16C
+  return (Vec<double>::type)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+template <typename acc_t>
+SM_ATTR inline __attribute__((always_inline)) typename Vec<acc_t>::type fmadd(acc_t a, typename Vec<acc_t>::type b,
+                                                                              typename Vec<acc_t>::type c) {
+#if SM_F16C
+  if constexpr (std::is_same<acc_t, float>::value)
+    return fmadd((v8f)_mm256_set1_ps(a), b, c);
+  else
+    return fmadd((Vec<double>::type)_mm256_set1_pd(a), b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // rows [L][n] (plane-major, row stride n) -> X [n] vectors (plane-interleaved), and back.
 template <typename acc_t>
 SM_ATTR void interleave(typename Vec<acc_t>::type* __restrict X, const acc_t* __restrict rows, int64_t n) {
@@ -1683,8 +1715,8 @@ SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type*
       const V d0 = X[i] - m, d1 = X[i + 1] - m;
       e0 += d0;
       e1 += d1;
-      f0 += d0 * d0;
-      f1 += d1 * d1;
+      f0 = fmadd(d0, d0, f0);
+      f1 = fmadd(d1, d1, f1);
     }
     if (i < c1) {
       const V d = X[i] - m;
@@ -1727,7 +1759,7 @@ SM_ATTR typename Vec<acc_t>::type* resize_block(typename Vec<acc_t>::type* __res
     for (int64_t j = 0; j < W2; ++j) {  // column outer: the taps stay in registers
       const acc_t a = wl[j], b = wh[j];
       const int64_t il = lo[j], ih = hi[j];
-      for (int64_t h = 0; h < rh.n_in; ++h) tmp[h * W2 + j] = a * d[h * W + il] + b * d[h * W + ih];
+      for (int64_t h = 0; h < rh.n_in; ++h) tmp[h * W2 + j] = fmadd(a, d[h * W + il], b * d[h * W + ih]);
     }
     rows = tmp;
   }
@@ -1737,7 +1769,7 @@ SM_ATTR typename Vec<acc_t>::type* resize_block(typename Vec<acc_t>::type* __res
     const V* __restrict b = rows + rh.hi[i] * W2;
     const acc_t wa = rh.wl[i], wb = rh.wh[i];
     V* __restrict o = out + i * W2;
-    for (int64_t j = 0; j < W2; ++j) o[j] = wa * a[j] + wb * b[j];
+    for (int64_t j = 0; j < W2; ++j) o[j] = fmadd(wa, a[j], wb * b[j]);
   }
   return out;
 }
@@ -1759,9 +1791,9 @@ SM_ATTR const typename Vec<acc_t>::type* adjoint_block(const typename Vec<acc_t>
       const V* __restrict gi = g + i * W2;
       const acc_t wa = rh.wl[i], wb = rh.wh[i];
       V* a = tmp + rh.lo[i] * ld;
-      for (int64_t j = 0; j < W2; ++j) a[j] += wa * gi[j];
+      for (int64_t j = 0; j < W2; ++j) a[j] = fmadd(wa, gi[j], a[j]);
       V* b = tmp + rh.hi[i] * ld;  // may be row a: a separate loop
-      for (int64_t j = 0; j < W2; ++j) b[j] += wb * gi[j];
+      for (int64_t j = 0; j < W2; ++j) b[j] = fmadd(wb, gi[j], b[j]);
     }
     if (rw.id) return tmp;
   } else {
@@ -1778,7 +1810,7 @@ SM_ATTR const typename Vec<acc_t>::type* adjoint_block(const typename Vec<acc_t>
     V* __restrict o = out + h * W;
     for (int64_t w = 0; w < W; ++w) {
       V v = aw[w * ta] * r[at[w * ta]];
-      for (int64_t t = 1; t < ta; ++t) v += aw[w * ta + t] * r[at[w * ta + t]];
+      for (int64_t t = 1; t < ta; ++t) v = fmadd(aw[w * ta + t], r[at[w * ta + t]], v);
       o[w] = v;
     }
   }
@@ -1805,10 +1837,10 @@ SM_ATTR void bwd_rows_block(const typename Vec<acc_t>::type* __restrict tmp, con
     V* ra = ta + rh.lo[i] * ld;
     V* rb = ta + rh.hi[i] * ld;  // may be row ra: per element ra first, as adjoint_block
     for (int64_t j = 0; j < W2; ++j) {
-      const V o = wa * a[j] + wb * b[j];
-      const V g = q[j] * o + r[j];
-      ra[j] += wa * g;
-      rb[j] += wb * g;
+      const V o = fmadd(wa, a[j], wb * b[j]);
+      const V g = fmadd(q[j], o, r[j]);
+      ra[j] = fmadd(wa, g, ra[j]);
+      rb[j] = fmadd(wb, g, rb[j]);
     }
   }
 }
@@ -1834,15 +1866,15 @@ SM_ATTR void bwd_cols_block(const typename Vec<acc_t>::type* __restrict r, int64
       for (int64_t h = 0; h < H; ++h) {
         const V* __restrict rr = r + h * ld;
         V v = wt[0] * rr[it[0]];
-        for (int t = 1; t < TA; ++t) v += wt[t] * rr[it[t]];
-        X[h * W + w] = (av + sv * X[h * W + w]) + v;
+        for (int t = 1; t < TA; ++t) v = fmadd(wt[t], rr[it[t]], v);
+        X[h * W + w] = fmadd(sv, X[h * W + w], av) + v;
       }
     } else {
       for (int64_t h = 0; h < H; ++h) {
         const V* __restrict rr = r + h * ld;
         V v = aw[w * ta] * rr[at[w * ta]];
-        for (int64_t t = 1; t < ta; ++t) v += aw[w * ta + t] * rr[at[w * ta + t]];
-        X[h * W + w] = (av + sv * X[h * W + w]) + v;
+        for (int64_t t = 1; t < ta; ++t) v = fmadd(aw[w * ta + t], rr[at[w * ta + t]], v);
+        X[h * W + w] = fmadd(sv, X[h * W + w], av) + v;
       }
     }
   }
@@ -1891,7 +1923,7 @@ SM_ATTR void block_tiles(const typename Vec<acc_t>::type* __restrict r, int64_t 
         for (int q = 0; q < P; ++q) {
           const V e = x0[rr * W2 + q] - m;
           e1[q] += e;
-          e2[q] += e * e;
+          e2[q] = fmadd(e, e, e2[q]);
         }
       }
       const V a = tile_reduce<P, acc_t>(e1), b = tile_reduce<P, acc_t>(e2);
@@ -2109,9 +2141,9 @@ SM_ATTR void backward_resize(const scalar_t* __restrict x, scalar_t* __restrict 
         }
       } else {
         V* __restrict gp = resize_block<acc_t>(X, rh, rw, bs.tmp.get(), bs.xr.get());
-        for (int64_t i = 0; i < HW2; ++i) gp[i] = QM[i] * gp[i] + rm[i];
+        for (int64_t i = 0; i < HW2; ++i) gp[i] = fmadd(QM[i], gp[i], rm[i]);
         const V* __restrict dr = adjoint_block<acc_t>(gp, rh, rw, bs.ta.get(), bs.ob.get());
-        for (int64_t i = 0; i < HW; ++i) X[i] = (av + sv * X[i]) + dr[i];
+        for (int64_t i = 0; i < HW; ++i) X[i] = fmadd(sv, X[i], av) + dr[i];
       }
       store_block<scalar_t, acc_t>(dx, X, u0, nl, C, HW, sc, ps, bs.buf.data());
     }
