@@ -1691,10 +1691,10 @@ SM_ATTR inline __attribute__((always_inline)) void widen(Vec<double>::type v, v4
 // Channel partial (mean, M2) of every lane's plane of n pixels, into mean[L], m2[L]: pass 1 sums in
 // 4 accumulators (pixel i in i % 4, the tail in the first), pass 2 the centered e and e^2 in 2,
 // flushed into double every 4096 pixels; lanes never mix, so a plane's result does not depend on
-// its block or lane. Returns the plane means rounded to acc_t, 0 where not finite (the centering
-// shift: a non-finite mean would make every centered value NaN).
+// its block or lane. Pass 2 also centers X in place on the returned shift: the pass-1 mean, 0 where
+// it is not finite (a non-finite shift would make every centered value NaN).
 template <typename acc_t>
-SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type* __restrict X, int64_t n,
+SM_ATTR typename Vec<acc_t>::type block_twopass(typename Vec<acc_t>::type* __restrict X, int64_t n,
                                                 double* __restrict mean, double* __restrict m2) {
   typedef typename Vec<acc_t>::type V;
   constexpr int L = Vec<acc_t>::L, DH = L / 4;
@@ -1709,12 +1709,16 @@ SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type*
   }
   for (; i < n; ++i) a0 += X[i];
   const V m = ((a0 + a1) + (a2 + a3)) / acc_t(n);
+  const V sh = (m - m == V{}) ? m : V{};  // x - x == 0 exactly when x is finite
   v4d se[DH] = {}, see[DH] = {};
   for (int64_t c0 = 0; c0 < n; c0 += CH) {
     const int64_t c1 = std::min(n, c0 + CH);
     V e0 = {}, e1 = {}, f0 = {}, f1 = {};
     for (i = c0; i + 2 <= c1; i += 2) {
-      const V d0 = X[i] - m, d1 = X[i + 1] - m;
+      const V x0 = X[i], x1 = X[i + 1];
+      const V d0 = x0 - m, d1 = x1 - m;
+      X[i] = x0 - sh;
+      X[i + 1] = x1 - sh;
       e0 += d0;
       e1 += d1;
       f0 = fmadd(d0, d0, f0);
@@ -1722,6 +1726,7 @@ SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type*
     }
     if (i < c1) {
       const V d = X[i] - m;
+      X[i] = X[i] - sh;
       e0 += d;
       f0 += d * d;
     }
@@ -1742,7 +1747,7 @@ SM_ATTR typename Vec<acc_t>::type block_twopass(const typename Vec<acc_t>::type*
     stu(mean + 4 * h, md[h] + se[h] / dn);
     stu(m2 + 4 * h, (v < zero) ? zero : v);  // NaN passes through
   }
-  return (m - m == V{}) ? m : V{};  // x - x == 0 exactly when x is finite
+  return sh;
 }
 
 // resize_plane per lane. Returns the result (tmp when H needs no resize).
@@ -2033,7 +2038,6 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
             umean[u + l] = bmean[l];
             um2[u + l] = bm2[l];
           }
-          for (int64_t i = 0; i < HW; ++i) X[i] -= sv;
           const V* r = resize_block<acc_t>(X, rh, rw, bs->tmp.get(), bs->xr.get());
           V* __restrict btm = bs->tm.get();
           V* __restrict btc = bs->tc.get();
