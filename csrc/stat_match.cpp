@@ -1437,12 +1437,11 @@ SM_ATTR acc_t* resize_plane(acc_t* __restrict d, const ResizeTab<acc_t>& rh, con
 // plane-interleaved in scratch ([pixel][L]: one vector per pixel, plane l in lane l), so every
 // resize tap, tile sum and adjoint tap is one vector operation with a broadcast scalar weight
 // instead of a scalar gather. Lanes never mix: a plane's results are bitwise the same whatever planes
-// share its block (padding lanes are zero and discarded). The tile sums and resize taps repeat the
-// per-plane kernels' arithmetic (the tile-row kernels' column sums and lane trees, resize_plane's
-// taps); the channel partial (block_twopass) has its own fixed order. forward_resize uses blocks
-// wherever the per-plane tile kernel has a fixed summation order (every case but
-// nchw_tilerow_generic's, whose omp-simd reductions are left to the compiler: those keep the
-// per-plane path for every plane); backward_resize always.
+// share its block (padding lanes are zero and discarded). The block kernels have their own fixed
+// order (fused multiply-adds in the AVX2 copy, one-pass tiles), so they do not round as the per-plane
+// path does; a call takes one of the two for all its planes. forward_resize uses blocks for power-of-2
+// patches up to 32 (block_resize_tiles' instantiations), the per-plane path for the others;
+// backward_resize always uses blocks.
 // Block loads / stores transpose L x L in registers (NCHW) or read L consecutive channels per pixel
 // (channels_last), with the element conversions of load_plane / store_plane.
 
@@ -2020,10 +2019,8 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
   const int64_t HW = H * W, H2 = rh.n_out, W2 = rw.n_out, ntw = W2 / p, T = (H2 / p) * ntw;
   const double tn = double(p * p);
   const acc_t inv_nf = acc_t(1) / acc_t(p * p);
-  const bool pow2 = p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32;
-  const bool vec = W2 >= Vec<acc_t>::L && pow2;
-  // Blocks where the per-plane tile kernel is nchw_tilerow_f4 or nchw_tilerow_vec (fixed order).
-  const bool blocks = (std::is_same<acc_t, float>::value && p == 4) || vec;
+  // Blocks for the tile sizes block_resize_tiles is instantiated for; the others per plane.
+  const bool blocks = p == 1 || p == 2 || p == 4 || p == 8 || p == 16 || p == 32;
   int64_t ld = 0;  // planes per group, + L: room for a block's padding lanes
   for (int64_t g = 0; g < G; ++g) ld = std::max(ld, gb[g + 1] - gb[g]);
   ld += L;
@@ -2106,7 +2103,7 @@ SM_ATTR void forward_resize(const scalar_t* __restrict x, int64_t B, int64_t C, 
           for (int64_t i = 0; i < HW; ++i) xs[i] -= s;
           const acc_t* r = resize_plane<acc_t>(xs.data(), rh, rw, tmp.data(), xr.data());
           for (int64_t i = 0; i < H2 / p; ++i)
-            nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, vec, s1.data(), s2.data(), mrow.data(),
+            nchw_tilerow<acc_t, acc_t>(r + i * p * W2, W2, p, inv_nf, false, s1.data(), s2.data(), mrow.data(),
                                        tm + i * ntw, tc + i * ntw, tv + i * ntw);
           for (int64_t t = 0; t < T; ++t) {
             gmt[t * ld + (u - u0)] = double(s) + (double(tm[t]) + double(tc[t]));
