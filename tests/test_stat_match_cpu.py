@@ -294,6 +294,32 @@ def test_resize_layouts_and_batch_position_agree(shape):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 8, 7, 7, 4), (2, 9, 12, 7, 4), (2, 3, 6, 5, 2), (1, 5, 40, 36, 32),
+                                   (2, 3, 17, 16, 16), (3, 4, 9, 9, 8)], ids=str)
+def test_resize_tiles_far_from_the_plane_mean(shape, dtype, layout):
+    """The block kernel takes each x' tile's statistics in one pass shifted by the tile's first value:
+    tiles whose means sit far apart (a staircase over the x' tiles, on a large mean) with a small spread
+    within most tiles, for every tile size it is built for, H resized or not."""
+    B, C, H, W, p = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("stairs", shape, str(dtype), layout)).encode()))
+
+    def cell(n):  # x' tile row / column an input row / column mostly feeds
+        return ((torch.arange(n, dtype=torch.float64) + 0.5) * (-(-n // p) * p) / n // p)
+
+    stairs = 50.0 * cell(H).view(H, 1) - 30.0 * cell(W)
+    x = 1000.0 + stairs + 1e-2 * torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    x = x.to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got, dx, args = run_resize(x, p, gen)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, want in zip(got, ref_stats_resize(x, p)):
+        assert rel(a, want) <= tol
+    assert rel(dx, ref_dx_resize(x, *args)) <= tol
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape", [(2, 8, 7, 7, 4), (3, 5, 14, 13, 4)])
 def test_resize_large_mean(shape, layout):
     gen = torch.Generator().manual_seed(11)
