@@ -112,6 +112,24 @@ def test_recover_iteration_split(provider: str) -> None:
 test_recover_iteration_split.results = {}
 
 
+@pytest.mark.parametrize("provider", ["ddfast", "official"])
+def test_recover_iteration_split_per_backbone(provider: str) -> None:
+    """The same split for each backbone of the default pool alone: where the matching overhead is."""
+    extra = ["--impl", "official"] if provider == "official" else []
+    with use_backend("reference" if provider == "official" else None):
+        bare, full = _config(*extra, "--dd-weight", "0"), _config(*extra, "--dd-weight", "0")
+        bare_pool, full_pool = _pool(bare, match=False), _pool(full)
+        print()
+        for plain, hooked in zip(bare_pool, full_pool):
+            network = _seconds_per_iteration([plain], bare, rounds=4)
+            total = _seconds_per_iteration([hooked], full, rounds=4)
+            shape = f"{hooked.name}-b{CLASSES * IPC}-{'x'.join(map(str, SHAPE))}"
+            record("gvbsm_recover_backbone", provider, "fwd_bwd", shape, "time", "ms", (total * 1e3,) * 3)
+            record("gvbsm_recover_backbone", provider, "fwd_bwd", shape, "time_network", "ms", (network * 1e3,) * 3)
+            print(f"gvbsm recover [{provider}] {shape}: {total * 1e3:.1f} ms/iteration = network fwd+bwd {network * 1e3:.1f} "
+                  f"+ statistic matching {(total - network) * 1e3:.1f} ({(total - network) / network:+.0%})")
+
+
 def test_segment_bounds_recover_memory() -> None:
     labels = torch.arange(CLASSES).repeat_interleave(IPC)
     lo, hi = torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 3.0)

@@ -20,7 +20,8 @@ from ddfast import data, generators
 from ddfast.distill import build_parser, run
 from ddfast.evaluate import main as evaluate_main
 from ddfast.methods import dim
-from ddfast.testing import STEPPING_DISTILL, SteppingClock, assert_resumed_speed, rel_error, run_distill, sigkill_after_checkpoint
+from ddfast.testing import (STEPPING_DISTILL, SteppingClock, assert_resumed_speed, describe_mismatch, rel_error, run_distill,
+                            sigkill_after_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")  # tests/conftest.py
 
@@ -193,14 +194,19 @@ def test_sigkill_resumes_to_the_same_generator(npz28, tmp_path, monkeypatch):
     assert whole["method"] == "dim"
     out = tmp_path / "killed"
     cmd = [*STEPPING_DISTILL, "--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", *TINY, *extra, "--out", str(out)]
-    assert sigkill_after_checkpoint(cmd, out / "checkpoint" / "dim.pt") in (10, 20, 30) and not (out / "distilled.pt").exists()
+    killed_at = sigkill_after_checkpoint(cmd, out / "checkpoint" / "dim.pt")
+    assert killed_at in (10, 20, 30) and not (out / "distilled.pt").exists()
     monkeypatch.setattr("ddfast.runner.time", SteppingClock())
     report = run(_args(npz28, out, *extra))
     assert report["seconds_per_iteration"] == pytest.approx(report["time_split_seconds"]["stage2_matching"] / 40)  # over all 40
     assert_resumed_speed(report, whole)
+    g_whole, _ = generators.load(tmp_path / "whole" / "generator.pt")
+    g_resumed, _ = generators.load(out / "generator.pt")
+    differ = [name for (name, x), y in zip(g_whole.state_dict().items(), g_resumed.state_dict().values()) if not torch.equal(x, y)]
+    assert not differ, f"resumed generator differs from the uninterrupted one (killed at {killed_at}) in {differ}"
     a = torch.load(tmp_path / "whole" / "distilled.pt", weights_only=True)["images"]
     b = torch.load(out / "distilled.pt", weights_only=True)["images"]
-    assert torch.equal(a, b)
+    assert torch.equal(a, b), describe_mismatch(b, a, 0.0, 0.0)
 
 
 def test_stage1_resumes_after_sigkill_to_the_same_generator_and_curve(npz28, tmp_path, monkeypatch):
