@@ -8,6 +8,7 @@ import torch
 from ddfast import StatMatcher, cpu_buffer_cache_mb, models, set_cpu_buffer_cache
 from ddfast.backend import use_backend
 from ddfast.ops import moment_sums, moments, stat_grad_surrogate
+from ddfast.ops import stat_match as sm
 from ddfast.reference import stat_match as ref
 from ddfast.reference.stat_match_official import OfficialMatcher
 from ddfast.testing import assert_close, rel_error
@@ -418,3 +419,18 @@ def test_matcher_with_every_layer_dropped_gives_zero_loss():
     matcher.draw(torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="no matched layer ran"):
         StatMatcher(models.create("convnet", 1, 10, 16, width=8), drop_rate=0.5).loss()
+
+
+@pytest.mark.parametrize("patch", [0, 4, 5])
+def test_eager_path_equals_the_registered_custom_op(patch):
+    """moments() skips torch.library's dispatch in eager mode; the values and gradients must be the custom op's."""
+    x = torch.randn(3, 6, 10, 9, dtype=torch.float32)
+    weights = [torch.randn(n, dtype=torch.float64) for n in (6, 6, sm._num_patches(x, patch), sm._num_patches(x, patch))]
+    grads = []
+    for op in (sm.stat_match_forward, sm._EagerStatMatch.apply):
+        xi = x.clone().requires_grad_(True)
+        out = op(xi, patch)
+        sum((o * w).sum() for o, w in zip(out, weights)).backward()
+        grads.append((out, xi.grad))
+    (out_op, dx_op), (out_eager, dx_eager) = grads
+    assert all(torch.equal(a, b) for a, b in zip(out_op, out_eager)) and torch.equal(dx_op, dx_eager)
