@@ -259,7 +259,7 @@ def test_evaluate_cli_runs_the_on_the_fly_protocol_on_a_generator_file(npz28, tm
         (["--dim-batch", "100000"], "exceeds"),
         (["--pool", "convnet,nonet"], "unknown pool model"),
         (["--lr-gen", "0"], "--lr-gen"),
-        (["--z-dim", "5"], "--z-dim >= the 10 classes"),
+        (["--z-dim", "5", "--cond", "overwrite"], "--cond overwrite needs --z-dim >= the 10 classes"),
         (["--segment", "4"], "drop --segment"),
     ],
 )
@@ -314,3 +314,13 @@ def test_longer_stage1_schedule_runs_on_from_the_cached_shorter_one(npz28, tmp_p
     assert sa["iteration"] == sb["iteration"] == 9
     for key in ("d", "opt_d", "opt_g"):
         assert str(sa["state"][key]) == str(sb["state"][key])
+
+
+def test_presets_choose_the_conditioning_unless_given(npz28, tmp_path):
+    ds = data.load("npz", npz28)
+    parse = lambda *extra: build_parser().parse_args(  # noqa: E731
+        ["--method", "dim", "--dataset", "npz", "--data-dir", str(npz28), "--ipc", "2", "--out", str(tmp_path), *extra])
+    default, paper = dim.resolve_config(parse(), ds), dim.resolve_config(parse("--preset", "paper", "--gan-iterations", "5", "--gan-batch", "20"), ds)
+    assert (default.cond, default.gan_iterations) == ("concat", 3000)  # the paper's Eq. 4 at the spec's CPU budget
+    assert paper.cond == "overwrite"  # the official code
+    assert dim.resolve_config(parse("--cond", "overwrite"), ds).cond == "overwrite"

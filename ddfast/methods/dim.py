@@ -59,12 +59,13 @@ PRESETS = {
     # paper (the official code's schedules): width 196, stage 1 120 epochs at batch 128 (the paper's N; the
     # code runs 150), stage 2 100 epochs at batch 64 with a fresh pool model per epoch and lr 5e-6.
     "paper": {"gen_width": 196, "gan_iterations": ("epochs", 120, 128), "gan_batch": 128, "iterations": ("epochs", 100, 64),
-              "batch": 64, "pool_every": ("epochs", 1, 64), "lr_gen": 5e-6, "pool_steps": 16},
-    # default: the spec's CPU preset cut to this machine's measured cost (docs/methods/dim.md): width 64,
-    # 1500 + 200 iterations, a fresh pool model every 50, stage-2 lr 1e-4 (the paper's; 5e-6 only makes
-    # sense over the code's ~94k stage-2 iterations).
-    "default": {"gen_width": 64, "gan_iterations": 1500, "gan_batch": 64, "iterations": 200, "batch": 64, "pool_every": 50,
-                "lr_gen": 1e-4, "pool_steps": 16},
+              "batch": 64, "pool_every": ("epochs", 1, 64), "lr_gen": 5e-6, "pool_steps": 16, "cond": "overwrite"},
+    # default: the spec's CPU preset (docs/methods/dim.md): width 64, its 3000 stage-1 iterations, 200 stage-2
+    # iterations with a fresh pool model every 50, stage-2 lr 1e-4 (the paper's; 5e-6 only makes sense over the
+    # code's ~94k stage-2 iterations), and the paper's concatenated one-hot, which the judge found learning its
+    # classes faster than the code's overwrite (docs/results.md, "DiM stage 1").
+    "default": {"gen_width": 64, "gan_iterations": 3000, "gan_batch": 64, "iterations": 200, "batch": 64, "pool_every": 50,
+                "lr_gen": 1e-4, "pool_steps": 16, "cond": "concat"},
 }
 
 
@@ -80,8 +81,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--pool-every", type=int, default=None, help="stage-2 iterations per pool model (paper preset: one epoch; default 100)")
     group.add_argument("--pool-steps", type=int, default=None, help="SGD steps of the pool model on real data before every generator step (16)")
     group.add_argument("--match-weight", type=float, default=0.01, help="λ of the logits matching (0.01, hard-coded in the code)")
-    group.add_argument("--cond", choices=("overwrite", "concat"), default="overwrite",
-                       help="class conditioning: overwrite the first noise entries with one-hot(y) (the code) or concatenate (the paper)")
+    group.add_argument("--cond", choices=("overwrite", "concat"), default=None,
+                       help="class conditioning: overwrite the first noise entries with one-hot(y) (the code; paper preset) "
+                            "or concatenate it (the paper's Eq. 4; default preset)")
     group.add_argument("--inpc-epochs", type=int, default=0,
                        help="also evaluate under DiM's on-the-fly protocol for this many epochs (the code: 1000; 0 = off)")
 
@@ -121,7 +123,7 @@ def resolve_config(args: argparse.Namespace, dataset: data.Dataset) -> Config:
     preset, n = PRESETS[args.preset], len(dataset.train_labels)
     pick = lambda value, key: preset_iterations(preset[key], n) if value is None else value  # noqa: E731
     pool = [m.strip() for m in args.pool.split(",") if m.strip()]
-    config = Config(ipc=args.ipc, width=pick(args.gen_width, "gen_width"), z_dim=args.z_dim, cond=args.cond,
+    config = Config(ipc=args.ipc, width=pick(args.gen_width, "gen_width"), z_dim=args.z_dim, cond=pick(args.cond, "cond"),
                     gan_iterations=pick(args.gan_iterations, "gan_iterations"), gan_batch=pick(args.gan_batch, "gan_batch"),
                     iterations=pick(args.iterations, "iterations"), batch=pick(args.dim_batch, "batch"), pool=pool,
                     pool_every=pick(args.pool_every, "pool_every"), pool_steps=pick(args.pool_steps, "pool_steps"),
