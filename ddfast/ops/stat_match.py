@@ -162,16 +162,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, output[0], output[2])
 
 
-def _forward_backward(ctx, g_cm: Tensor | None, g_cm2: Tensor | None, g_pm: Tensor | None, g_pm2: Tensor | None):
+def _input_grad(ctx, grads: tuple[Tensor | None, ...], backward) -> Tensor:
+    """dx from the four statistic gradients by ``backward`` (the custom op, or its implementation in eager mode)."""
     x, cm, pm = ctx.saved_tensors
     count_c, count_p = _counts(x, ctx.patch)
-    zeros = lambda like, g: torch.zeros_like(like) if g is None else g  # noqa: E731
+    g_cm, g_cm2, g_pm, g_pm2 = (torch.zeros_like(like) if g is None else g for like, g in zip((cm, cm, pm, pm), grads))
     # d(M2)/dx = 2(x − mean): the kernel's variance gradient scaled by the count.
-    dx = stat_match_backward(
-        x, cm, zeros(cm, g_cm), zeros(cm, g_cm2) * count_c, pm, zeros(pm, g_pm), zeros(pm, g_pm2) * count_p,
-        ctx.patch, count_c, count_p,
-    )
-    return dx, None
+    return backward(x, cm, g_cm, g_cm2 * count_c, pm, g_pm, g_pm2 * count_p, ctx.patch, count_c, count_p)
+
+
+def _forward_backward(ctx, g_cm: Tensor | None, g_cm2: Tensor | None, g_pm: Tensor | None, g_pm2: Tensor | None):
+    return _input_grad(ctx, (g_cm, g_cm2, g_pm, g_pm2), stat_match_backward), None
 
 
 torch.library.register_autograd("ddfast::stat_match_forward", _forward_backward, setup_context=_setup_context)
@@ -192,9 +193,7 @@ class _EagerStatMatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_cm: Tensor, g_cm2: Tensor, g_pm: Tensor, g_pm2: Tensor) -> tuple[Tensor, None]:
-        x, cm, pm = ctx.saved_tensors
-        count_c, count_p = _counts(x, ctx.patch)
-        return _backward_impl(x, cm, g_cm, g_cm2 * count_c, pm, g_pm, g_pm2 * count_p, ctx.patch, count_c, count_p), None
+        return _input_grad(ctx, (g_cm, g_cm2, g_pm, g_pm2), _backward_impl), None
 
 
 # ----------------------------------------------------------------------------- functional API
